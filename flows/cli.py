@@ -1,0 +1,107 @@
+"""The `danqing` command: `run` curates WARC files (the sample crawl by default), `sample` writes it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from flows.settings import DEFAULT_OUT, CurateParams, LocalClusterSpec, load_thresholds
+
+log = logging.getLogger("danqing")
+ROLES = ("embed", "align", "tokenizer", "nsfw_image", "nsfw_text")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="danqing", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="curate WARC files into a dataset (default: the sample crawl)")
+    run.add_argument("--warc", nargs="+", metavar="PATH", help="WARC files (default: the sample crawl)")
+    run.add_argument("--out", default=DEFAULT_OUT, help=f"output root (default {DEFAULT_OUT})")
+    run.add_argument("--run-id", help="run id (default: derived from the inputs, so a re-run resumes)")
+    run.add_argument("--snapshot", help="crawl snapshot name (default: the WARC's isPartOf)")
+    run.add_argument("--fetcher", choices=["http", "replay"],
+                     help="http: fetch images from the web; replay: serve them from the WARCs "
+                          "(default: replay for the sample crawl, http otherwise)")
+    run.add_argument("--dask-address", help="an existing Dask scheduler (default: a local cluster)")
+    run.add_argument("--workers", type=int, help="local cluster worker processes")
+    run.add_argument("--threads", type=int, default=1, help="threads per local worker")
+    run.add_argument("--lancedb", help="LanceDB URI (default <out>/lancedb)")
+    for role in ROLES:
+        run.add_argument(f"--{role.replace('_', '-')}-model", metavar="ID_OR_DIR",
+                         help=f"model for the {role} role: Hugging Face id, local directory, or 'placeholder'")
+    run.add_argument("--thresholds", metavar="FILE", help="JSON/YAML: section -> setting -> value")
+    run.add_argument("--gpu-slots", type=int, default=1, help="concurrent model tasks (Prefect tag 'gpu')")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sample = sub.add_parser("sample", help="write the sample crawl")
+    sample.add_argument("--out", default=f"{DEFAULT_OUT}/sample-crawl", help="directory for the WARC files")
+    return p
+
+
+def _sample(out: Path):
+    from tasks.sample import write_sample_crawl
+
+    return write_sample_crawl(out)
+
+
+def cmd_run(args) -> int:
+    from flows import runtime
+    from flows.curate import check_inputs, curate_snapshot
+
+    out = Path(args.out)
+    warcs = args.warc
+    fetcher = args.fetcher
+    if not warcs:
+        crawl = _sample(out / "sample-crawl")
+        warcs = [str(p) for p in crawl.warcs]
+        fetcher = fetcher or "replay"
+        print(f"sample crawl: {len(warcs)} WARC files in {out / 'sample-crawl'}")
+    params = CurateParams(
+        warcs=warcs, out=str(out), run_id=args.run_id, snapshot=args.snapshot, fetcher=fetcher or "http",
+        models={r: getattr(args, f"{r}_model") for r in ROLES if getattr(args, f"{r}_model")},
+        config=load_thresholds(args.thresholds) if args.thresholds else {},
+        lancedb=args.lancedb, gpu_slots=args.gpu_slots,
+    )
+    check_inputs(params)  # bad paths and settings fail here, before any server or cluster starts
+    if args.dask_address:
+        params.gpu_resource = runtime.check_scheduler(args.dask_address)
+    spec = LocalClusterSpec(**({"n_workers": args.workers} if args.workers else {}), threads_per_worker=args.threads)
+    runner = runtime.task_runner(args.dask_address, spec, out / ".dask")
+    with runtime.prefect_api(out / ".logs") as api:
+        print(f"Prefect API: {api}")
+        result = curate_snapshot.with_options(task_runner=runner)(
+            params, progress=not args.no_progress and sys.stdout.isatty())
+    run_dir = Path(result["run_dir"])
+    rep = result["report"]
+    print("\nfunnel: " + " > ".join(f"{s['stage']} {s['kept']}" for s in rep["stages"]))
+    print(f"dataset: {run_dir / 'dataset'}  ({rep['samples']} samples)")
+    print(f"rejects: {run_dir / 'rejects'}")
+    print(f"report:  {run_dir / 'report.md'}  ({run_dir / 'report.json'})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    try:
+        if args.command == "sample":
+            crawl = _sample(Path(args.out))
+            print(f"sample crawl: {', '.join(str(p) for p in crawl.warcs)}\nmanifest: {crawl.manifest}")
+            return 0
+        return cmd_run(args)
+    except (FileNotFoundError, ValueError, ConnectionError) as err:
+        print(f"danqing: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # the flow's own failure (a ContractError, a stage bug): one clear line
+        from tasks.models import ModelLoadError
+
+        if isinstance(err, ModelLoadError):
+            print(f"danqing: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The curate_snapshot flow: per-shard stage tasks over Dask, reduce barriers, the funnel report."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from flows import steps
+from flows.report import publish_report
+from flows.runtime import ensure_gpu_limit
+from flows.settings import CurateParams, check_config
+from tasks.io import shards
+
+STEP_ORDER = ("extract", "source", "fetch", "refine", "image", "embed", "align", "crossbatch", "write")
+
+
+def derive_run_id(warcs: list[str], snapshot: str | None) -> str:
+    """Stable for the same inputs, so re-running the same command resumes the same run."""
+    ids = sorted(str(Path(w).resolve()) if "://" not in w else w for w in warcs)
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:10]
+    stem = snapshot or Path(ids[0]).name.split(".")[0] if ids else "empty"
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', stem)[:40]}-{digest}"
+
+
+def check_inputs(params: CurateParams) -> None:
+    """The cheap checks that can fail before anything starts: inputs, settings, role names."""
+    if not params.warcs:
+        raise ValueError("no WARC input given")
+    missing = [w for w in params.warcs if "://" not in w and not Path(w).is_file()]
+    if missing:
+        raise FileNotFoundError(f"WARC input not found: {', '.join(missing)}")
+    check_config(params.config)
+    unknown = sorted(set(params.models) - {"embed", "align", "tokenizer", "nsfw_image", "nsfw_text"})
+    if unknown:
+        raise ValueError(f"unknown model role(s) {unknown}")
+
+
+def resolve_models(params: CurateParams) -> dict:
+    """role -> (name, placeholder, source); a user-named model that cannot load raises here, before any task."""
+    from tasks.models import resolve_model
+
+    resolved = {}
+    for role in ("embed", "align"):
+        r = resolve_model(role, params.models.get(role))  # logs its own fallback warning
+        resolved[role] = (r.name, r.placeholder, r.source)
+    return resolved
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+@flow(name="curate-snapshot", log_prints=True)
+def curate_snapshot(params: CurateParams, progress: bool = False) -> dict:
+    """WARC files -> Chinese image-text pairs: webdataset shards, parquet metadata, rejects and a funnel report."""
+    log = get_run_logger()
+    check_inputs(params)
+    models = resolve_models(params)
+    ensure_gpu_limit(params.gpu_slots)
+    run_id = params.run_id or derive_run_id(params.warcs, params.snapshot)
+    out = Path(params.out).resolve()
+    run_dir = out / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps.clean_temp(run_dir)
+    ctx = steps.RunContext(
+        run_dir=str(run_dir), run_id=run_id, lancedb=params.lancedb or str(out / "lancedb"),
+        config=params.config, models=models, fetcher=params.fetcher,
+        max_failure_fraction=params.max_failure_fraction, snapshot=params.snapshot,
+    )
+    _write_if_changed(run_dir / "run.json", {"params": params.model_dump(), "models": models, "run_id": run_id})
+    log.info("run %s: %d WARC file(s) -> %s", run_id, len(params.warcs), run_dir)
+
+    ids = steps.shard_ids(params.warcs)
+    futures: dict[str, list] = {}
+    futures["extract"] = [steps.extract.submit(ctx, s, w) for s, w in zip(ids, params.warcs, strict=True)]
+    rindex = steps.replay_index.submit(ctx, futures["extract"]) if params.fetcher == "replay" else None
+    futures["source"] = [steps.source.submit(ctx, s, e) for s, e in zip(ids, futures["extract"], strict=True)]
+    futures["fetch"] = [steps.fetch.submit(ctx, s, u, rindex) for s, u in zip(ids, futures["source"], strict=True)]
+    futures["refine"] = [steps.refine.submit(ctx, s, u) for s, u in zip(ids, futures["fetch"], strict=True)]
+    futures["image"] = [steps.image.submit(ctx, s, u) for s, u in zip(ids, futures["refine"], strict=True)]
+    with _gpu_placement(params.gpu_resource):
+        futures["embed"] = [steps.embed.submit(ctx, s, u) for s, u in zip(ids, futures["image"], strict=True)]
+    lance = steps.load_lancedb.submit(ctx, futures["embed"])
+    band = steps.fit_align_band.submit(ctx, futures["embed"])
+    futures["align"] = [steps.align.submit(ctx, s, u, band) for s, u in zip(ids, futures["embed"], strict=True)]
+    futures["crossbatch"] = [steps.crossbatch.submit(ctx, s, u) for s, u in zip(ids, futures["align"], strict=True)]
+    futures["write"] = [steps.write.submit(ctx, s, u) for s, u in zip(ids, futures["crossbatch"], strict=True)]
+
+    results: dict[str, list[dict]] = {}
+    with _progress(progress) as bar:
+        for step in STEP_ORDER:
+            bar_id = bar.add_task(step, total=len(ids)) if bar else None
+            results[step] = []
+            for fut in futures[step]:
+                results[step].append(fut.result())  # raises the task's own error (e.g. a ContractError)
+                if bar:
+                    bar.advance(bar_id)
+    reduces = {"align_band": band.result(), "lancedb": lance.result()}
+    if rindex is not None:
+        reduces["replay_index"] = rindex.result()
+    report = publish_report(ctx, results, reduces)
+    log.info("dataset: %s  report: %s", run_dir / "dataset", run_dir / "report.json")
+    return {"run_id": run_id, "run_dir": str(run_dir), "report": report}
+
+
+def _gpu_placement(enabled: bool):
+    """Dask resource GPU=1 on model tasks, so a cluster with GPU workers runs them only there."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources={"GPU": 1})
+
+
+def _write_if_changed(path: Path, obj) -> None:
+    import json
+
+    text = json.dumps(obj, sort_keys=True, indent=1, default=str)
+    if not path.exists() or path.read_text() != text:
+        shards.write_with(path, lambda p: p.write_text(text))

@@ -1,0 +1,207 @@
+"""The funnel report: report.json (SPEC's contract), report.md beside the paper's Table 6, plots, artifacts."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from schemas.reasons import STAGES, stage_reasons
+from tasks.io import shards
+
+# Which shard steps count toward each reported stage, in order.
+STAGE_STEPS = {
+    "extract": ("extract",), "source": ("source",), "fetch": ("fetch",), "refine": ("refine",),
+    "image": ("image", "embed"), "align": ("align",), "crossbatch": ("crossbatch",),
+}
+
+# DanQing Table 6: pairs left after each rule (SPEC.md). Rules the paper merged share one row.
+PAPER_AFTER = [
+    ("raw pairs", None, 1_047_085_609),
+    ("language + safety", ("source.caption_not_chinese", "source.text_nsfw"), 726_334_674),
+    ("source + length", ("source.blacklisted_site", "source.word_count"), 706_069_936),
+    ("download", tuple(stage_reasons("fetch")), 475_104_485),
+    ("Chinese LID", ("refine.lid",), 467_455_303),
+    ("stop words", ("refine.stop_words",), 442_680_171),
+    ("nouns", ("refine.no_noun",), 431_878_774),
+    ("[UNK]", ("refine.unk_tokens",), 431_619_647),
+    ("entropy", ("refine.low_entropy",), 400_068_251),
+    ("text safety", ("refine.text_safety",), 397_187_759),
+    ("geometry", ("image.geometry",), 352_663_012),
+    ("low texture", ("image.low_texture",), 352_204_550),
+    ("blur", ("image.blur",), 333_255_945),
+    ("image entropy", ("image.low_entropy",), 316_359_868),
+    ("redundancy", ("image.duplicate",), 186_019_602),
+    ("image safety", ("image.nsfw",), 178_601_215),
+    ("alignment band", ("align.out_of_band",), 154_293_590),
+    ("cross-batch dedup", ("crossbatch.duplicate",), 99_892_381),
+]
+PAPER_STAGE_AFTER = {"extract": 1_047_085_609, "source": 706_069_936, "fetch": 475_104_485,
+                     "refine": 397_187_759, "image": 178_601_215, "align": 154_293_590, "crossbatch": 99_892_381}
+
+
+def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], built: dict[str, tuple]) -> dict:
+    """Sum the per-shard markers into SPEC's report: all seven stages, chained counts, full reason names."""
+    stages = []
+    prev_kept = None
+    for stage in STAGES:
+        markers = [m for step in STAGE_STEPS[stage] for m in results.get(step, [])]
+        first = results.get(STAGE_STEPS[stage][0], [])
+        last = results.get(STAGE_STEPS[stage][-1], [])
+        counted = [f"{stage}.{r}" for r in built.get(stage, ())]
+        dropped = {r: 0 for r in counted}
+        for m in markers:
+            for reason, n in m["dropped"].items():
+                dropped[reason] = dropped.get(reason, 0) + n
+        entry = {
+            "stage": stage,
+            "in": sum(m["in"] for m in first),
+            "kept": sum(m["kept"] for m in last),
+            "dropped": dropped,
+            "not_run": [r for r in stage_reasons(stage) if r not in dropped],
+        }
+        if entry["in"] != entry["kept"] + sum(dropped.values()):
+            raise RuntimeError(f"report: stage {stage} counts do not add up: {entry}")
+        if prev_kept is not None and entry["in"] != prev_kept:
+            raise RuntimeError(f"report: stage {stage} in={entry['in']} but the previous stage kept {prev_kept}")
+        prev_kept = entry["kept"]
+        stages.append(entry)
+    by = {s["stage"]: s for s in stages}
+    ex = results.get("extract", [])
+    for k in ("pages_total", "pages_selected", "records_truncated"):
+        by["extract"][k] = sum(m["extra"].get(k, 0) for m in ex)
+    embed_placeholder = ctx.models["embed"][1]
+    align_placeholder = ctx.models["align"][1]
+    if embed_placeholder:
+        by["image"]["placeholder_model"] = True
+    if align_placeholder:
+        by["align"]["placeholder_model"] = True
+    band = reduces.get("align_band", {}).get("extra", {})
+    by["align"]["band"] = {k: band.get(k) for k in ("low", "high", "fitted", "n", "target_removal", "low_share")}
+    return {
+        "run_id": ctx.run_id,
+        "stages": stages,
+        "models": {role: {"name": v[0], "placeholder": v[1], "source": v[2]} for role, v in ctx.models.items()},
+        "lancedb": reduces.get("lancedb", {}).get("extra", {}),
+        "shards": len(ex),
+        "samples": sum(m.get("samples", 0) for m in results.get("write", [])),
+        "paper": {"stage_after": PAPER_STAGE_AFTER, "source": "DanQing (arXiv 2601.10305) Table 6"},
+    }
+
+
+def render_markdown(report: dict) -> str:
+    by = {s["stage"]: s for s in report["stages"]}
+    raw = by["extract"]["kept"] or 1
+    lines = [f"# Funnel report: run `{report['run_id']}`", ""]
+    lines.append(f"Pages read {by['extract'].get('pages_total', 0)}, taken as Chinese "
+                 f"{by['extract'].get('pages_selected', 0)}; `<img>` elements {by['extract']['in']}; "
+                 f"samples written {report['samples']}.")
+    ph = [s["stage"] for s in report["stages"] if s.get("placeholder_model")]
+    if ph:
+        lines += ["", f"**Placeholder model** in {', '.join(ph)}: those results exercise the code and judge nothing."]
+    lines += ["", "## Stages", "", "| stage | in | kept | kept % of raw pairs | paper after | paper % of raw |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for s in report["stages"]:
+        paper = PAPER_STAGE_AFTER[s["stage"]]
+        lines.append(f"| {s['stage']} | {s['in']} | {s['kept']} | {100 * s['kept'] / raw:.1f} | {paper:,} | "
+                     f"{100 * paper / PAPER_STAGE_AFTER['extract']:.1f} |")
+    lines += ["", "## Rules beside the paper's Table 6", "",
+              "| paper step | our reasons | our removed | our removed % of step input | paper removed % |",
+              "|---|---|---:|---:|---:|"]
+    drops = {r: n for s in report["stages"] for r, n in s["dropped"].items()}
+    not_run = {r for s in report["stages"] for r in s["not_run"]}
+    ours_in = by["extract"]["kept"]
+    paper_prev = None
+    for name, reasons, after in PAPER_AFTER:
+        if reasons is None:
+            paper_prev = after
+            continue
+        removed = sum(drops.get(r, 0) for r in reasons)
+        ran = [r for r in reasons if r not in not_run]
+        ours = f"{100 * removed / ours_in:.1f}" if ran and ours_in else "not run"
+        lines.append(f"| {name} | {', '.join(f'`{r}`' for r in reasons)} | {removed if ran else '-'} | {ours} | "
+                     f"{100 * (paper_prev - after) / paper_prev:.1f} |")
+        ours_in -= removed
+        paper_prev = after
+    band = by["align"].get("band") or {}
+    if band.get("low") is not None:
+        how = "fitted to the paper's removal rate by quantiles" if band.get("fitted") else "fixed"
+        lines += ["", f"Alignment band: cosine [{band['low']:.4f}, {band['high']:.4f}], {how}; "
+                      f"low_share {band.get('low_share')}."]
+    lines += ["", "![funnel](report.funnel.png)", "", "![caption words](report.caption_words.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_funnel(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s["stage"] for s in report["stages"]]
+    raw = report["stages"][0]["kept"] or 1
+    ours = [100 * s["kept"] / raw for s in report["stages"]]
+    paper = [100 * PAPER_STAGE_AFTER[n] / PAPER_STAGE_AFTER["extract"] for n in names]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], ours, width=0.4, label="this run")
+    ax.bar([i + 0.2 for i in x], paper, width=0.4, label="DanQing Table 6")
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("% of raw pairs kept after stage")
+    ax.set_title(f"Funnel: {report['run_id']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_word_counts(hist: list[int], path: Path, lo: int, hi: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(range(len(hist)), hist, width=1.0)
+    ax.axvline(lo - 0.5, color="red", linestyle="--", label=f"kept {lo}-{hi} words")
+    ax.axvline(hi + 0.5, color="red", linestyle="--")
+    ax.set_xlabel("jieba words in the alt text (Chinese captions; last bin = more)")
+    ax.set_ylabel("captions")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def publish_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict]) -> dict:
+    """Write report.json, report.md, report.*.png under the run, and the Prefect artifacts."""
+    from flows.steps import BUILT_RULES
+
+    report = build_report(ctx, results, reduces, BUILT_RULES)
+    root = Path(ctx.run_dir)
+    shards.write_json(report, root / "report.json")
+    md = render_markdown(report)
+    shards.write_with(root / "report.md", lambda p: p.write_text(md))
+    shards.write_with(root / "report.funnel.png", lambda p: plot_funnel(report, Path(str(p))))
+    hist = _sum_hists([m["extra"].get("word_count_hist", []) for m in results.get("source", [])])
+    src = ctx.cfg("source")
+    shards.write_with(root / "report.caption_words.png",
+                      lambda p: plot_word_counts(hist, Path(str(p)), src.min_words, src.max_words))
+    _artifacts(report, md)
+    return report
+
+
+def _sum_hists(hists: list[list[int]]) -> list[int]:
+    size = max((len(h) for h in hists), default=0)
+    return [sum(h[i] for h in hists if i < len(h)) for i in range(size)]
+
+
+def _artifacts(report: dict, md: str) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    key = re.sub(r"[^a-z0-9-]+", "-", f"funnel-{report['run_id']}".lower())[:100]
+    rows = [{"stage": s["stage"], "in": s["in"], "kept": s["kept"],
+             "dropped": json.dumps({k: v for k, v in s["dropped"].items() if v}),
+             "not_run": ", ".join(s["not_run"])} for s in report["stages"]]
+    create_table_artifact(key=key, table=rows, description=f"Funnel of run {report['run_id']}")
+    create_markdown_artifact(key=f"{key}-md"[:100], markdown=md, description="report.md")

@@ -1,0 +1,136 @@
+"""Where a run executes: the Prefect API server, the Dask cluster, and the `gpu` tag limit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from flows.settings import LocalClusterSpec, prefect_api_url
+
+log = logging.getLogger("danqing")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def prefect_api(log_dir: Path, startup_timeout_s: float = 120.0):
+    """Reuse PREFECT_API_URL when set; else start `prefect server` on 127.0.0.1 and stop it afterwards.
+
+    Prefect's temporary in-process server breaks with Dask worker processes (each would start its own),
+    so Dask runs need a real API URL that workers inherit through the environment.
+    """
+    url = prefect_api_url()
+    if url:
+        yield url
+        return
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logfile = open(log_dir / "prefect-server.log", "ab")
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not _healthy(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited ({proc.returncode}); see {log_dir}/prefect-server.log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server not healthy after {startup_timeout_s:.0f} s")
+            time.sleep(0.5)
+        old = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url  # Dask worker processes inherit it
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                try:
+                    yield url
+                finally:
+                    _drain_prefect_clients()
+        finally:
+            if old is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = old
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        logfile.close()
+
+
+def _drain_prefect_clients(timeout_s: float = 10.0) -> None:
+    """Send queued logs and events while the server still runs; otherwise exit waits on retries to a dead one."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_s)
+    EventsWorker.drain_all(timeout=timeout_s)
+
+
+def check_scheduler(address: str, timeout_s: float = 10.0) -> bool:
+    """Connect to an existing Dask scheduler; a clear error (not a hang) when it cannot be reached.
+
+    Returns whether any worker offers the `GPU` resource.
+    """
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=timeout_s) as client:
+            workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    except (OSError, TimeoutError) as err:
+        raise ConnectionError(f"cannot reach the Dask scheduler at {address} within {timeout_s:.0f} s: {err}") from err
+    return any("GPU" in (w.get("resources") or {}) for w in workers.values())
+
+
+def task_runner(address: str | None, spec: LocalClusterSpec, work_dir: Path):
+    """DaskTaskRunner on an existing scheduler, or on a LocalCluster with explicit limits."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": spec.n_workers, "threads_per_worker": spec.threads_per_worker,
+            "processes": spec.processes, "memory_limit": spec.memory_limit,
+            "local_directory": str(work_dir), "dashboard_address": ":0",
+        },
+    )
+
+
+def ensure_gpu_limit(slots: int) -> None:
+    """The Prefect tag limit `gpu` (like `prefect concurrency-limit create gpu N`), created when missing."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_concurrency_limit_by_tag("gpu")
+        except ObjectNotFound:
+            client.create_concurrency_limit(tag="gpu", concurrency_limit=slots)

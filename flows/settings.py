@@ -1,0 +1,112 @@
+"""The one place that reads the environment, and the typed parameters of a curation run."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from tasks.align import AlignConfig
+from tasks.embed import EmbedConfig
+from tasks.extract import ExtractConfig
+from tasks.fetch import FetchConfig
+from tasks.image import ImageConfig
+from tasks.io.http import HttpConfig
+from tasks.io.replay import ReplayConfig
+from tasks.refine import RefineConfig
+from tasks.source import SourceConfig
+
+DEFAULT_OUT = "./danqing-out"
+
+# Every tunable section of a thresholds file and the frozen config it builds.
+CONFIG_SECTIONS: dict[str, type] = {
+    "extract": ExtractConfig,
+    "source": SourceConfig,
+    "fetch": FetchConfig,
+    "http": HttpConfig,
+    "replay": ReplayConfig,
+    "refine": RefineConfig,
+    "image": ImageConfig,
+    "embed": EmbedConfig,
+    "align": AlignConfig,
+}
+
+
+class LocalClusterSpec(BaseModel):
+    """The Dask LocalCluster started when no scheduler address is given."""
+
+    n_workers: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+    threads_per_worker: int = 1  # one model copy per worker process; threads would share the GIL anyway
+    processes: bool = True  # False: threads in this process (debugging, in-process tests)
+    memory_limit: str = "6GiB"  # per worker; Dask spills and then pauses before the machine swaps
+
+
+class CurateParams(BaseModel):
+    """Parameters of one curation run; the Prefect UI renders them as a form."""
+
+    warcs: list[str] = Field(description="WARC files to curate (local paths)")
+    out: str = Field(DEFAULT_OUT, description="output root; runs go to <out>/<run-id>")
+    run_id: str | None = Field(None, description="default: derived from the inputs, so a re-run resumes")
+    snapshot: str | None = Field(None, description="crawl snapshot name; default: the WARC's isPartOf")
+    fetcher: Literal["http", "replay"] = Field("http", description="http: the web; replay: images held in the WARCs")
+    models: dict[str, str | None] = Field(default_factory=dict, description="role -> HF id, local dir, or placeholder")
+    config: dict[str, dict[str, Any]] = Field(default_factory=dict, description="section -> field -> value")
+    lancedb: str | None = Field(None, description="LanceDB URI; default <out>/lancedb")
+    max_failure_fraction: float = Field(0.01, description="row-level contract failures tolerated per shard")
+    gpu_slots: int = Field(1, description="concurrent model tasks (Prefect tag 'gpu' limit)")
+    gpu_resource: bool = Field(False, description="annotate model tasks with the Dask resource GPU=1")
+
+
+def build_config(section: str, values: dict[str, Any] | None):
+    """The frozen config of one section, with overrides; unknown names are a clear error."""
+    cls = CONFIG_SECTIONS[section]
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown} in section {section!r}; known: {sorted(known)}")
+    return cls(**{k: _tuples(v) for k, v in values.items()})
+
+
+def _tuples(v):
+    """JSON and YAML give lists where the configs are frozen tuples."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def check_config(config: dict[str, dict[str, Any]]) -> None:
+    unknown = sorted(set(config) - set(CONFIG_SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}; known: {sorted(CONFIG_SECTIONS)}")
+    for section, values in config.items():
+        build_config(section, values)
+
+
+def load_thresholds(path: str) -> dict[str, dict[str, Any]]:
+    """A thresholds file: JSON or YAML mapping section -> field -> value."""
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{path}: expected a mapping of section -> settings")
+    check_config(data)
+    return data
+
+
+def config_dict(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)} if is_dataclass(obj) else dict(obj)
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def prefect_api_url() -> str | None:
+    return env("PREFECT_API_URL") or None

@@ -1,0 +1,360 @@
+"""Prefect tasks: one per stage per shard (over shard paths), plus the reduce barriers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.settings import build_config, config_dict
+from schemas import contracts as C
+from tasks import align as align_stage
+from tasks import embed as embed_stage
+from tasks import extract as extract_stage
+from tasks import fetch as fetch_stage
+from tasks import image as image_stage
+from tasks import refine as refine_stage
+from tasks import source as source_stage
+from tasks import write as write_stage
+from tasks.io import shards
+from tasks.io.http import HttpFetcher
+from tasks.io.lance import upsert_embeddings
+from tasks.io.replay import ReplayFetcher
+
+CODE_VERSION = "0.1.0"  # part of every step hash: a release that changes behaviour recomputes
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every task needs, small and picklable: paths, configs, resolved model names."""
+
+    run_dir: str
+    run_id: str
+    lancedb: str
+    config: dict = field(default_factory=dict)  # section -> overrides
+    models: dict = field(default_factory=dict)  # role -> (name, placeholder)
+    fetcher: str = "http"
+    max_failure_fraction: float = 0.01
+    snapshot: str | None = None
+
+    def cfg(self, section: str):
+        return build_config(section, self.config.get(section))
+
+    @property
+    def root(self) -> Path:
+        return Path(self.run_dir)
+
+
+# The reported stage each shard step counts toward, and the schema its kept rows must satisfy.
+STEPS: dict[str, tuple[str | None, type | None]] = {
+    "extract": ("extract", C.CandidateSchema),
+    "source": ("source", C.SourcedSchema),
+    "fetch": ("fetch", C.FetchedSchema),
+    "refine": ("refine", C.RefinedSchema),
+    "image": ("image", C.FilteredImageSchema),
+    "embed": ("image", C.ScoredSchema),
+    "align": ("align", C.SelectedSchema),
+    "crossbatch": ("crossbatch", C.SelectedSchema),
+    "write": (None, None),
+}
+
+# Rules each stage has built so far; the report lists the others as not_run.
+BUILT_RULES: dict[str, tuple[str, ...]] = {
+    "extract": extract_stage.RULES,
+    "source": source_stage.RULES,
+    "fetch": fetch_stage.RULES,
+    "refine": refine_stage.RULES,
+    "image": image_stage.RULES,
+    "align": align_stage.RULES,
+    "crossbatch": (),
+}
+
+_TRANSIENT = (ConnectionError, TimeoutError)
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Retry only what may succeed next time: connection drops and time-outs, not bugs or bad data."""
+    try:
+        state.result()
+    except _TRANSIENT:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def step_path(ctx: RunContext, step: str, shard: str, suffix: str = ".parquet") -> Path:
+    return ctx.root / "steps" / step / f"{shard}{suffix}"
+
+
+def marker_path(ctx: RunContext, step: str, shard: str) -> Path:
+    return step_path(ctx, step, shard, ".done.json")
+
+
+def _fresh(marker: dict | None, digest: str) -> bool:
+    return bool(marker) and marker.get("hash") == digest and all(Path(p).exists() for p in marker["outputs"])
+
+
+def run_shard_step(
+    ctx: RunContext,
+    step: str,
+    shard: str,
+    inputs: list,
+    compute: Callable[[], tuple[pd.DataFrame, dict, dict[str, Callable[[Path], None]]]],
+    config: dict | None = None,
+) -> dict:
+    """Skip when the marker matches; else compute, validate, write kept rows and rejects, then mark.
+
+    `compute` returns (frame with drop_reason, extra stats, extra outputs path-name -> writer).
+    """
+    digest = shards.stable_hash({"step": step, "version": CODE_VERSION, "config": config or {}, "inputs": inputs})
+    mpath = marker_path(ctx, step, shard)
+    marker = shards.read_json(mpath)
+    if _fresh(marker, digest):
+        return marker
+    stage, schema = STEPS[step]
+    frame, extra, extra_outputs = compute()
+    dropped_rows = frame[frame["drop_reason"].notna()]
+    kept = frame[frame["drop_reason"].isna()].drop(columns=["drop_reason"])
+    kept, quarantined = C.validate(schema, kept, stage, ctx.max_failure_fraction)
+    dropped_rows = pd.concat([dropped_rows, quarantined]) if len(quarantined) else dropped_rows
+    out = step_path(ctx, step, shard)
+    rejects = ctx.root / "rejects" / f"{step}-{shard}.parquet"
+    shards.write_parquet(kept, out)
+    shards.write_parquet(write_stage.rejects(dropped_rows), rejects)
+    outputs = [str(out), str(rejects)]
+    for name, writer in extra_outputs.items():
+        path = step_path(ctx, step, shard, name)
+        shards.write_with(path, writer)
+        outputs.append(str(path))
+    counts = dropped_rows["drop_reason"].value_counts().to_dict()
+    marker = {
+        "hash": digest, "step": step, "stage": stage, "shard": shard,
+        "in": int(len(frame)), "kept": int(len(kept)),
+        "dropped": {str(k): int(v) for k, v in sorted(counts.items())},
+        "extra": extra, "outputs": outputs,
+    }
+    shards.write_json(marker, mpath)
+    return marker
+
+
+def output(marker: dict, suffix: str) -> Path:
+    """The marker's output file whose name ends with `suffix`."""
+    return Path(next(p for p in marker["outputs"] if p.endswith(suffix)))
+
+
+def _read(ctx: RunContext, step: str, shard: str) -> pd.DataFrame:
+    return shards.read_parquet(step_path(ctx, step, shard))
+
+
+def _parquet_writer(frame: pd.DataFrame):
+    return lambda p: frame.reset_index(drop=True).to_parquet(p, index=False, compression="zstd")
+
+
+@task(name="extract", task_run_name="extract-{shard}", cache_policy=NO_CACHE, retries=2,
+      retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def extract(ctx: RunContext, shard: str, warc: str) -> dict:
+    cfg = ctx.cfg("extract")
+
+    def compute():
+        res = extract_stage.extract_warc(warc, cfg, ctx.snapshot)
+        return res.candidates, res.stats, {".replay.parquet": _parquet_writer(res.replay)}
+
+    return run_shard_step(ctx, "extract", shard, [shards.file_identity(warc), ctx.snapshot], compute,
+                          config_dict(cfg))
+
+
+def _simple(step: str, fn, section: str):
+    """A shard step that reads the previous step's kept rows and annotates them with `fn(frame, cfg)`."""
+
+    def body(ctx: RunContext, shard: str, upstream: dict) -> dict:
+        cfg = ctx.cfg(section)
+        return run_shard_step(ctx, step, shard, [upstream["hash"]],
+                              lambda: (fn(_read(ctx, upstream["step"], shard), cfg), {}, {}), config_dict(cfg))
+
+    return body
+
+
+@task(name="source", task_run_name="source-{shard}", cache_policy=NO_CACHE)
+def source(ctx: RunContext, shard: str, upstream: dict) -> dict:
+    cfg = ctx.cfg("source")
+
+    def compute():
+        frame = source_stage.select_sources(_read(ctx, "extract", shard), cfg)
+        chinese = frame["drop_reason"].ne("source.caption_not_chinese").fillna(True)
+        hist = frame.loc[chinese, "word_count"].clip(upper=HIST_MAX).value_counts().sort_index()
+        counts = [int(hist.get(i, 0)) for i in range(HIST_MAX + 1)]
+        return frame, {"word_count_hist": counts}, {}
+
+    return run_shard_step(ctx, "source", shard, [upstream["hash"]], compute, config_dict(cfg))
+
+
+HIST_MAX = 100  # caption word-count histogram: the last bin holds this many words or more
+refine = task(name="refine", task_run_name="refine-{shard}", cache_policy=NO_CACHE)(
+    _simple("refine", refine_stage.refine_text, "refine"))
+image = task(name="image", task_run_name="image-{shard}", cache_policy=NO_CACHE)(
+    _simple("image", image_stage.filter_images, "image"))
+
+
+@task(name="fetch", task_run_name="fetch-{shard}", cache_policy=NO_CACHE, retries=2,
+      retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def fetch(ctx: RunContext, shard: str, upstream: dict, replay_index: dict | None = None) -> dict:
+    cfg = ctx.cfg("fetch")
+    transport = ctx.cfg("replay") if ctx.fetcher == "replay" else ctx.cfg("http")
+
+    def compute():
+        if ctx.fetcher == "replay":
+            fetcher = ReplayFetcher(shards.read_parquet(output(replay_index, ".parquet")), transport)
+        else:
+            fetcher = HttpFetcher(transport)
+        return fetch_stage.fetch_images(_read(ctx, "source", shard), fetcher, cfg), {}, {}
+
+    inputs = [upstream["hash"], ctx.fetcher, replay_index["hash"] if replay_index else None]
+    return run_shard_step(ctx, "fetch", shard, inputs, compute,
+                          {"fetch": config_dict(cfg), "transport": config_dict(transport)})
+
+
+@task(name="replay-index", cache_policy=NO_CACHE)
+def replay_index(ctx: RunContext, extracts: list[dict]) -> dict:
+    """Reduce: every response record of every input WARC, by URL (first capture wins)."""
+
+    def compute(out: Path) -> dict:
+        frames = [shards.read_parquet(output(m, ".replay.parquet")) for m in extracts]
+        index = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+            columns=["url", "warc_file", "offset", "status"])
+        index = index.drop_duplicates("url", keep="first")
+        shards.write_parquet(index, out)
+        return {"urls": int(len(index))}
+
+    return run_reduce(ctx, "replay_index", ".parquet", [m["hash"] for m in extracts], compute)
+
+
+def run_reduce(ctx: RunContext, name: str, suffix: str, inputs: list, compute: Callable[[Path], dict]) -> dict:
+    """A resumable barrier over all shards of a step: one artifact, one marker with its input hash."""
+    digest = shards.stable_hash({"reduce": name, "version": CODE_VERSION, "inputs": inputs})
+    out = ctx.root / "reduce" / f"{name}{suffix}"
+    mpath = ctx.root / "reduce" / f"{name}.done.json"
+    marker = shards.read_json(mpath)
+    if _fresh(marker, digest):
+        return marker
+    extra = compute(out)
+    marker = {"hash": digest, "reduce": name, "outputs": [str(out)] if out.exists() else [], "extra": extra}
+    shards.write_json(marker, mpath)
+    return marker
+
+
+@task(name="embed", task_run_name="embed-{shard}", cache_policy=NO_CACHE, tags=["gpu"])
+def embed(ctx: RunContext, shard: str, upstream: dict) -> dict:
+    from tasks.models import load_model
+
+    cfg = ctx.cfg("embed")
+
+    def compute():
+        embed_model = load_model(_resolved(ctx, "embed"))
+        align_model = embed_model if ctx.models["align"] == ctx.models["embed"] else load_model(
+            _resolved(ctx, "align"))
+        frame = _read(ctx, "image", shard)
+        scored, vectors = embed_stage.embed_pairs(frame, embed_model, align_model, cfg)
+        vectors, _ = C.validate(C.EmbeddingSchema, vectors, "image", 0.0)
+        return scored, {"dim": int(embed_model.dim)}, {".vectors.parquet": _parquet_writer(vectors)}
+
+    inputs = [upstream["hash"], ctx.models["embed"], ctx.models["align"]]
+    return run_shard_step(ctx, "embed", shard, inputs, compute, config_dict(cfg))
+
+
+def _resolved(ctx: RunContext, role: str):
+    from tasks.models import ResolvedModel
+
+    name, placeholder, source = ctx.models[role]
+    return ResolvedModel(role=role, name=name, placeholder=placeholder, source=source, warning=None)
+
+
+@task(name="load-lancedb", cache_policy=NO_CACHE)
+def load_lancedb(ctx: RunContext, embeds: list[dict]) -> dict:
+    """Reduce, one writer: every shard's vectors into the model's LanceDB table."""
+    name = ctx.models["embed"][0]
+
+    def compute(out: Path) -> dict:
+        table, rows = "", 0
+        for m in embeds:
+            vectors = shards.read_parquet(output(m, ".vectors.parquet"))
+            snapshot = ctx.snapshot or "unknown"
+            table = upsert_embeddings(ctx.lancedb, name, ctx.run_id, snapshot, vectors) or table
+            rows += len(vectors)
+        shards.write_json({"table": table, "rows": rows, "uri": ctx.lancedb}, out)
+        return {"table": table, "rows": rows}
+
+    return run_reduce(ctx, "lancedb", ".json", [ctx.lancedb, *[m["hash"] for m in embeds]], compute)
+
+
+@task(name="fit-align-band", cache_policy=NO_CACHE)
+def fit_align_band(ctx: RunContext, embeds: list[dict]) -> dict:
+    """Reduce: the band over all shards' scores (fitted to the paper's rate unless fixed)."""
+    cfg = ctx.cfg("align")
+    name, placeholder, _ = ctx.models["align"]
+
+    def compute(out: Path) -> dict:
+        scores = pd.concat([_read(ctx, "embed", m["shard"])["align_cosine"] for m in embeds]) if embeds else []
+        band = align_stage.choose_band(pd.Series(scores, dtype="float64").to_numpy(), cfg, name, placeholder)
+        result = {**config_dict(band), "target_removal": cfg.target_removal, "low_share": cfg.low_share}
+        shards.write_json(result, out)
+        return result
+
+    return run_reduce(ctx, "align_band", ".json", [config_dict(cfg), [name, placeholder],
+                                                    *[m["hash"] for m in embeds]], compute)
+
+
+@task(name="align", task_run_name="align-{shard}", cache_policy=NO_CACHE)
+def align(ctx: RunContext, shard: str, upstream: dict, band: dict) -> dict:
+    b = align_stage.Band(band["extra"]["low"], band["extra"]["high"], band["extra"]["fitted"], band["extra"]["n"])
+    return run_shard_step(ctx, "align", shard, [upstream["hash"], band["hash"]],
+                          lambda: (align_stage.apply_band(_read(ctx, "embed", shard), b), {}, {}))
+
+
+@task(name="crossbatch", task_run_name="crossbatch-{shard}", cache_policy=NO_CACHE)
+def crossbatch(ctx: RunContext, shard: str, upstream: dict) -> dict:
+    """No rule built yet (the diversification issue): passes every row through, reported as not_run."""
+
+    def compute():
+        frame = _read(ctx, "align", shard)
+        frame["drop_reason"] = pd.Series(pd.NA, index=frame.index, dtype="str")
+        return frame, {}, {}
+
+    return run_shard_step(ctx, "crossbatch", shard, [upstream["hash"]], compute)
+
+
+@task(name="write", task_run_name="write-{shard}", cache_policy=NO_CACHE)
+def write(ctx: RunContext, shard: str, upstream: dict) -> dict:
+    """The dataset shard: <run>/dataset/<shard>.tar (webdataset) and <shard>.parquet (metadata)."""
+    digest = shards.stable_hash({"step": "write", "version": CODE_VERSION, "inputs": [upstream["hash"]]})
+    mpath = marker_path(ctx, "write", shard)
+    marker = shards.read_json(mpath)
+    if _fresh(marker, digest):
+        return marker
+    frame = _read(ctx, "crossbatch", shard)
+    tar = ctx.root / "dataset" / f"{shard}.tar"
+    meta = ctx.root / "dataset" / f"{shard}.parquet"
+    shards.write_with(tar, lambda p: write_stage.write_webdataset(frame, p))
+    shards.write_parquet(write_stage.metadata(frame), meta)
+    marker = {"hash": digest, "step": "write", "shard": shard, "samples": int(len(frame)),
+              "outputs": [str(tar), str(meta)]}
+    shards.write_json(marker, mpath)
+    return marker
+
+
+def shard_ids(warcs: list[str]) -> list[str]:
+    return [f"{i:05d}" for i in range(len(warcs))]
+
+
+def clean_temp(run_dir: Path) -> None:
+    """Remove temp files a killed task left behind (they never replace a finished file)."""
+    for p in run_dir.rglob(".*.tmp-*"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+

@@ -1,0 +1,1 @@
+"""Data contracts between danqing stages: drop-reason names and pandera models."""

@@ -1,0 +1,1 @@
+"""Side effects behind small interfaces: WARC reading, HTTP, replay, shard storage, LanceDB."""

@@ -1,0 +1,58 @@
+"""Shard storage: atomic writes (temp name, rename), completion markers, stable hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+def stable_hash(obj) -> str:
+    """sha256 of a JSON rendering with sorted keys: equal configs and inputs give equal hashes."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    frame.reset_index(drop=True).to_parquet(tmp, index=False, compression="zstd")
+    os.replace(tmp, path)
+
+
+def write_json(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    tmp.write_text(json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False, default=str))
+    os.replace(tmp, path)
+
+
+def write_with(path: Path, writer) -> None:
+    """Run `writer(tmp_path)` then rename into place, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    writer(tmp)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path)
+
+
+def file_identity(path: str) -> dict:
+    """What identifies an input file cheaply: its path, size and modification time."""
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
