@@ -46,8 +46,7 @@ def _sample(out: Path):
 
 
 def cmd_run(args) -> int:
-    from flows import runtime
-    from flows.curate import check_inputs, curate_snapshot
+    from flows.curate import curate
 
     out = Path(args.out)
     warcs = args.warc
@@ -63,15 +62,8 @@ def cmd_run(args) -> int:
         config=load_thresholds(args.thresholds) if args.thresholds else {},
         lancedb=args.lancedb, gpu_slots=args.gpu_slots,
     )
-    check_inputs(params)  # bad paths and settings fail here, before any server or cluster starts
-    if args.dask_address:
-        params.gpu_resource = runtime.check_scheduler(args.dask_address)
     spec = LocalClusterSpec(**({"n_workers": args.workers} if args.workers else {}), threads_per_worker=args.threads)
-    runner = runtime.task_runner(args.dask_address, spec, out / ".dask")
-    with runtime.prefect_api(out / ".logs") as api:
-        print(f"Prefect API: {api}")
-        result = curate_snapshot.with_options(task_runner=runner)(
-            params, progress=not args.no_progress and sys.stdout.isatty())
+    result = curate(params, args.dask_address, spec, progress=not args.no_progress and sys.stdout.isatty())
     run_dir = Path(result["run_dir"])
     rep = result["report"]
     print("\nfunnel: " + " > ".join(f"{s['stage']} {s['kept']}" for s in rep["stages"]))

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from flows import steps
 from flows.report import publish_report
 from flows.runtime import ensure_gpu_limit
-from flows.settings import CurateParams, check_config
+from flows.settings import CurateParams, LocalClusterSpec, check_config
 from tasks.io import shards
 
 STEP_ORDER = ("extract", "source", "fetch", "refine", "image", "embed", "align", "crossbatch", "write")
@@ -126,3 +126,21 @@ def _write_if_changed(path: Path, obj) -> None:
     text = json.dumps(obj, sort_keys=True, indent=1, default=str)
     if not path.exists() or path.read_text() != text:
         shards.write_with(path, lambda p: p.write_text(text))
+
+
+def curate(
+    params: CurateParams,
+    dask_address: str | None = None,
+    cluster: LocalClusterSpec | None = None,
+    progress: bool = False,
+) -> dict:
+    """Run the flow the way the CLI does: inputs checked first, then a Prefect API and a Dask cluster."""
+    from flows import runtime
+
+    check_inputs(params)  # bad paths and settings fail here, before any server or cluster starts
+    if dask_address:
+        params = params.model_copy(update={"gpu_resource": runtime.check_scheduler(dask_address)})
+    out = Path(params.out)
+    runner = runtime.task_runner(dask_address, cluster or LocalClusterSpec(), out / ".dask")
+    with runtime.prefect_api(out / ".logs"):
+        return curate_snapshot.with_options(task_runner=runner)(params, progress=progress)

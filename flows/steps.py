@@ -95,8 +95,13 @@ def marker_path(ctx: RunContext, step: str, shard: str) -> Path:
     return step_path(ctx, step, shard, ".done.json")
 
 
-def _fresh(marker: dict | None, digest: str) -> bool:
-    return bool(marker) and marker.get("hash") == digest and all(Path(p).exists() for p in marker["outputs"])
+def _fresh(ctx: RunContext, marker: dict | None, digest: str) -> bool:
+    return bool(marker) and marker.get("hash") == digest and all((ctx.root / p).exists() for p in marker["outputs"])
+
+
+def _rel(ctx: RunContext, path: Path) -> str:
+    """Marker paths are relative to the run directory, so a run can be moved or copied whole."""
+    return str(path.relative_to(ctx.root))
 
 
 def run_shard_step(
@@ -114,7 +119,7 @@ def run_shard_step(
     digest = shards.stable_hash({"step": step, "version": CODE_VERSION, "config": config or {}, "inputs": inputs})
     mpath = marker_path(ctx, step, shard)
     marker = shards.read_json(mpath)
-    if _fresh(marker, digest):
+    if _fresh(ctx, marker, digest):
         return marker
     stage, schema = STEPS[step]
     frame, extra, extra_outputs = compute()
@@ -126,11 +131,11 @@ def run_shard_step(
     rejects = ctx.root / "rejects" / f"{step}-{shard}.parquet"
     shards.write_parquet(kept, out)
     shards.write_parquet(write_stage.rejects(dropped_rows), rejects)
-    outputs = [str(out), str(rejects)]
+    outputs = [_rel(ctx, out), _rel(ctx, rejects)]
     for name, writer in extra_outputs.items():
         path = step_path(ctx, step, shard, name)
         shards.write_with(path, writer)
-        outputs.append(str(path))
+        outputs.append(_rel(ctx, path))
     counts = dropped_rows["drop_reason"].value_counts().to_dict()
     marker = {
         "hash": digest, "step": step, "stage": stage, "shard": shard,
@@ -142,9 +147,9 @@ def run_shard_step(
     return marker
 
 
-def output(marker: dict, suffix: str) -> Path:
+def output(ctx: RunContext, marker: dict, suffix: str) -> Path:
     """The marker's output file whose name ends with `suffix`."""
-    return Path(next(p for p in marker["outputs"] if p.endswith(suffix)))
+    return ctx.root / next(p for p in marker["outputs"] if p.endswith(suffix))
 
 
 def _read(ctx: RunContext, step: str, shard: str) -> pd.DataFrame:
@@ -168,11 +173,12 @@ def extract(ctx: RunContext, shard: str, warc: str) -> dict:
                           config_dict(cfg))
 
 
-def _simple(step: str, fn, section: str):
-    """A shard step that reads the previous step's kept rows and annotates them with `fn(frame, cfg)`."""
+def _simple(step: str, module, fn_name: str):
+    """A shard step that reads the previous step's kept rows and annotates them with `module.fn_name(frame, cfg)`."""
 
     def body(ctx: RunContext, shard: str, upstream: dict) -> dict:
-        cfg = ctx.cfg(section)
+        cfg = ctx.cfg(step)
+        fn = getattr(module, fn_name)  # looked up per call, so a test can substitute a failing stage
         return run_shard_step(ctx, step, shard, [upstream["hash"]],
                               lambda: (fn(_read(ctx, upstream["step"], shard), cfg), {}, {}), config_dict(cfg))
 
@@ -195,9 +201,9 @@ def source(ctx: RunContext, shard: str, upstream: dict) -> dict:
 
 HIST_MAX = 100  # caption word-count histogram: the last bin holds this many words or more
 refine = task(name="refine", task_run_name="refine-{shard}", cache_policy=NO_CACHE)(
-    _simple("refine", refine_stage.refine_text, "refine"))
+    _simple("refine", refine_stage, "refine_text"))
 image = task(name="image", task_run_name="image-{shard}", cache_policy=NO_CACHE)(
-    _simple("image", image_stage.filter_images, "image"))
+    _simple("image", image_stage, "filter_images"))
 
 
 @task(name="fetch", task_run_name="fetch-{shard}", cache_policy=NO_CACHE, retries=2,
@@ -208,7 +214,7 @@ def fetch(ctx: RunContext, shard: str, upstream: dict, replay_index: dict | None
 
     def compute():
         if ctx.fetcher == "replay":
-            fetcher = ReplayFetcher(shards.read_parquet(output(replay_index, ".parquet")), transport)
+            fetcher = ReplayFetcher(shards.read_parquet(output(ctx, replay_index, ".parquet")), transport)
         else:
             fetcher = HttpFetcher(transport)
         return fetch_stage.fetch_images(_read(ctx, "source", shard), fetcher, cfg), {}, {}
@@ -223,7 +229,7 @@ def replay_index(ctx: RunContext, extracts: list[dict]) -> dict:
     """Reduce: every response record of every input WARC, by URL (first capture wins)."""
 
     def compute(out: Path) -> dict:
-        frames = [shards.read_parquet(output(m, ".replay.parquet")) for m in extracts]
+        frames = [shards.read_parquet(output(ctx, m, ".replay.parquet")) for m in extracts]
         index = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
             columns=["url", "warc_file", "offset", "status"])
         index = index.drop_duplicates("url", keep="first")
@@ -239,10 +245,10 @@ def run_reduce(ctx: RunContext, name: str, suffix: str, inputs: list, compute: C
     out = ctx.root / "reduce" / f"{name}{suffix}"
     mpath = ctx.root / "reduce" / f"{name}.done.json"
     marker = shards.read_json(mpath)
-    if _fresh(marker, digest):
+    if _fresh(ctx, marker, digest):
         return marker
     extra = compute(out)
-    marker = {"hash": digest, "reduce": name, "outputs": [str(out)] if out.exists() else [], "extra": extra}
+    marker = {"hash": digest, "reduce": name, "outputs": [_rel(ctx, out)] if out.exists() else [], "extra": extra}
     shards.write_json(marker, mpath)
     return marker
 
@@ -281,7 +287,7 @@ def load_lancedb(ctx: RunContext, embeds: list[dict]) -> dict:
     def compute(out: Path) -> dict:
         table, rows = "", 0
         for m in embeds:
-            vectors = shards.read_parquet(output(m, ".vectors.parquet"))
+            vectors = shards.read_parquet(output(ctx, m, ".vectors.parquet"))
             snapshot = ctx.snapshot or "unknown"
             table = upsert_embeddings(ctx.lancedb, name, ctx.run_id, snapshot, vectors) or table
             rows += len(vectors)
@@ -333,7 +339,7 @@ def write(ctx: RunContext, shard: str, upstream: dict) -> dict:
     digest = shards.stable_hash({"step": "write", "version": CODE_VERSION, "inputs": [upstream["hash"]]})
     mpath = marker_path(ctx, "write", shard)
     marker = shards.read_json(mpath)
-    if _fresh(marker, digest):
+    if _fresh(ctx, marker, digest):
         return marker
     frame = _read(ctx, "crossbatch", shard)
     tar = ctx.root / "dataset" / f"{shard}.tar"
@@ -341,7 +347,7 @@ def write(ctx: RunContext, shard: str, upstream: dict) -> dict:
     shards.write_with(tar, lambda p: write_stage.write_webdataset(frame, p))
     shards.write_parquet(write_stage.metadata(frame), meta)
     marker = {"hash": digest, "step": "write", "shard": shard, "samples": int(len(frame)),
-              "outputs": [str(tar), str(meta)]}
+              "outputs": [_rel(ctx, tar), _rel(ctx, meta)]}
     shards.write_json(marker, mpath)
     return marker
 

@@ -76,7 +76,7 @@ def primary_language(meta: dict[str, str]) -> str | None:
     try:
         langs = json.loads(meta.get("languages-cld2", "")).get("languages") or []
         return langs[0].get("code") if langs else None
-    except (ValueError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError, LookupError):  # malformed JSON must not end the WARC file
         return None
 
 

@@ -18,6 +18,8 @@ except ImportError:  # pragma: no cover - exercised through backend="warcio"
     HAVE_FASTWARC = False
 
 WANTED = frozenset({"warcinfo", "response", "metadata", "resource"})
+# How a WARC file can start: gzip, zstd or lz4 members (FastWARC reads all three), or plain text.
+_MAGIC = (b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\x04\x22\x4d\x18", b"WARC/")
 
 
 @dataclass
@@ -71,6 +73,12 @@ def iter_records(path: str, backend: str = "auto") -> Iterator[Record]:
     """
     use_fast = HAVE_FASTWARC and backend in ("auto", "fastwarc")
     with _open(path) as fh:
+        head = fh.read(8)
+        if not head:
+            return
+        if not head.startswith(_MAGIC):  # FastWARC skips junk silently: a file of it would read as "no pages"
+            raise OSError(f"{path}: not a WARC file (starts with {head!r})")
+        fh.seek(0)
         yield from (_iter_fast(fh, path) if use_fast else _iter_warcio(fh, path))
 
 
@@ -79,15 +87,17 @@ def _iter_fast(fh, path: str) -> Iterator[Record]:
     names = [(_FastType.warcinfo, "warcinfo"), (_FastType.response, "response"),
              (_FastType.metadata, "metadata"), (_FastType.resource, "resource")]
     kinds = _FastType.warcinfo | _FastType.response | _FastType.metadata | _FastType.resource
-    for rec in _guarded(_FastIterator(fh, parse_http=True, record_types=kinds), path):
+    # quirks_mode: ClueWeb-era WARCs end HTTP header lines with a bare LF, which the strict parser misreads
+    for rec in _guarded(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True), path):
         h = rec.headers
         is_http = rec.is_http and rec.http_headers is not None
+        encoded = is_http and bool(rec.http_headers.get("Transfer-Encoding") or rec.http_headers.get("Content-Encoding"))
         mime, charset = _split_type(rec.http_headers.get("Content-Type")) if is_http else (None, None)
         if not is_http:
             mime = _split_type(h.get("Content-Type"))[0] if rec.record_type != _FastType.response else None
         yield Record(
             type=next(n for t, n in names if t == rec.record_type),
-            uri=h.get("WARC-Target-URI"),
+            uri=_bare_uri(h.get("WARC-Target-URI")),
             offset=rec.stream_pos,
             date=h.get("WARC-Date"),
             record_id=h.get("WARC-Record-ID"),
@@ -96,9 +106,28 @@ def _iter_fast(fh, path: str) -> Iterator[Record]:
             mime=mime,
             charset=charset,
             headers={k.lower(): v for k, v in rec.http_headers} if is_http else {},
-            _reader=rec.reader,
-            _declared=rec.content_length,
+            _reader=_decoding(rec.reader, rec.http_headers) if encoded else rec.reader,
+            _declared=None if encoded else rec.content_length,  # a decoded size says nothing about truncation
         )
+
+
+def _bare_uri(uri: str | None) -> str | None:
+    """WARC/1.0's grammar put the target URI in <...>, and wget still writes it so; warcio strips them too."""
+    return uri[1:-1] if uri and uri.startswith("<") and uri.endswith(">") else uri
+
+
+def _decoding(reader, http):
+    """The payload with its HTTP transfer and content encodings undone as warcio does (raw bytes when bogus).
+
+    FastWARC's own auto_decode raises on a body that is not encoded as declared, which would end the file.
+    """
+    from warcio.bufferedreaders import BufferedReader, ChunkedDataReader
+
+    encoding = (http.get("Content-Encoding") or "").lower()
+    decomp = encoding if encoding in BufferedReader.get_supported_decompressors() else None
+    if (http.get("Transfer-Encoding") or "").lower() == "chunked":
+        return ChunkedDataReader(reader, decomp_type=decomp)
+    return BufferedReader(reader, decomp_type=decomp) if decomp else reader
 
 
 def _guarded(records, path: str):
@@ -120,6 +149,7 @@ def _iter_warcio(fh, path: str) -> Iterator[Record]:
     from warcio.archiveiterator import ArchiveIterator
 
     it = ArchiveIterator(fh)
+    it.reader = _strict_gzip_reader(fh, path)  # before the first record: its generator reads it.reader lazily
     for rec in _guarded(it, path):
         if rec.rec_type not in WANTED:
             continue
@@ -154,11 +184,34 @@ def _iter_warcio(fh, path: str) -> Iterator[Record]:
         )
 
 
+def _strict_gzip_reader(fh, path: str):
+    """warcio's outer gzip reader, except that a member corrupt after its first block raises an OSError.
+
+    warcio itself writes such an error to stderr and ends the file there, silently losing its remaining records.
+    """
+    import zlib
+
+    from warcio.bufferedreaders import DecompressingBufferedReader
+
+    class StrictReader(DecompressingBufferedReader):
+        def _decompress(self, data):
+            if self.decompressor is None or not data or self.num_block_read == 0:
+                return super()._decompress(data)  # first block: warcio's plain-WARC detection
+            try:
+                return self.decompressor.decompress(data)
+            except zlib.error as err:
+                raise OSError(f"{path}: corrupt gzip data: {err}") from err
+
+    return StrictReader(fh)
+
+
 def read_record_at(path: str, offset: int, backend: str = "auto") -> tuple[Record, bytes]:
     """The record starting at `offset` (each record is its own gzip member) and its payload."""
     with _open(path) as fh:
         fh.seek(offset)
         gen = _iter_fast(fh, path) if (HAVE_FASTWARC and backend != "warcio") else _iter_warcio(fh, path)
         for rec in gen:
+            if rec.offset != offset:  # the readers skip what is not a record (or not WANTED) to the next one
+                break
             return rec, rec.read()
     raise OSError(f"{path}: no WARC record at offset {offset}")

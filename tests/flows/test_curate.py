@@ -1,0 +1,208 @@
+"""End-to-end: the curate_snapshot flow on the sample crawl over a real Prefect server and Dask."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flows.curate import curate
+from flows.settings import CurateParams, LocalClusterSpec
+from schemas.contracts import ContractError, row_key
+
+ROOT = Path(__file__).resolve().parents[2]
+CHECK_REPORT = ROOT.parent / "shared" / "tools" / "check_report.py"
+# Threads in this process: fast to start, and a test can substitute a stage function.
+IN_PROCESS = LocalClusterSpec(n_workers=1, threads_per_worker=2, processes=False, memory_limit="4GiB")
+
+
+def run_sample(out: Path, crawl, **overrides) -> dict:
+    params = CurateParams(warcs=[str(p) for p in crawl.warcs], out=str(out), fetcher="replay", **overrides)
+    return curate(params, cluster=IN_PROCESS)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def check_report(path: Path, *flags: str) -> str:
+    if not CHECK_REPORT.exists():
+        pytest.fail(f"{CHECK_REPORT} is missing") if _ci() else pytest.skip("shared/tools not beside the checkout")
+    res = subprocess.run([sys.executable, str(CHECK_REPORT), str(path), *flags], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def _ci() -> bool:
+    import os
+
+    return os.environ.get("CI") == "true"
+
+
+@pytest.fixture(scope="module")
+def sample_run(prefect_server, sample_crawl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sample-run")
+    return run_sample(out, sample_crawl)
+
+
+def _fates(run_dir: Path) -> tuple[dict[str, str], pd.DataFrame]:
+    rejects = pd.concat([pd.read_parquet(p) for p in sorted((run_dir / "rejects").glob("*.parquet"))])
+    dataset = pd.concat([pd.read_parquet(p) for p in sorted((run_dir / "dataset").glob("*.parquet"))])
+    fate = dict(zip(rejects["key"], rejects["drop_reason"], strict=True))
+    fate.update({k: "kept" for k in dataset["key"]})
+    return fate, dataset
+
+
+def test_sample_run_report_follows_the_contract(sample_run):
+    run_dir = Path(sample_run["run_dir"])
+    check_report(run_dir / "report.json", "--kept-all")
+    report = json.loads((run_dir / "report.json").read_text())
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert stages["extract"]["pages_total"] == 36 and stages["extract"]["pages_selected"] == 31
+    assert stages["image"]["placeholder_model"] and stages["align"]["placeholder_model"]
+    assert set(stages["refine"]["not_run"]) == {f"refine.{r}" for r in
+                                                ("lid", "stop_words", "no_noun", "unk_tokens", "low_entropy",
+                                                 "text_safety")}
+    for name in ("report.md", "report.funnel.png", "report.caption_words.png"):
+        assert (run_dir / name).stat().st_size > 0
+    assert "DanQing" in (run_dir / "report.md").read_text() or "paper" in (run_dir / "report.md").read_text()
+
+
+def test_every_candidate_meets_its_expected_fate(sample_run, sample_crawl):
+    run_dir = Path(sample_run["run_dir"])
+    fate, _ = _fates(run_dir)
+    lines = [json.loads(x) for x in sample_crawl.manifest.read_text().splitlines()]
+    imgs = [x for x in lines if x["kind"] == "img"]
+    assert imgs
+    for x in imgs:
+        key = row_key(x["url"] or x["src"] or "", x["alt_text"], x["page_url"])
+        got = fate.get(key)
+        if x["expected"] == "kept":  # the placeholder band may still drop it: it judges nothing
+            assert got in ("kept", "align.out_of_band"), (x, got)
+        else:
+            assert got == x["expected"], (x, got)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["stages"][0]["in"] == len(imgs)
+
+
+def test_traditional_captions_are_simplified(sample_run, sample_crawl):
+    import opencc
+
+    _, dataset = _fates(Path(sample_run["run_dir"]))
+    lines = [json.loads(x) for x in sample_crawl.manifest.read_text().splitlines()]
+    trad = {row_key(x["url"], x["alt_text"], x["page_url"]) for x in lines
+            if x["kind"] == "img" and x["case"] == "traditional" and x["expected"] == "kept"}
+    rows = dataset[dataset["key"].isin(trad)]
+    assert len(rows) > 0
+    conv = opencc.OpenCC("t2s")
+    for cap, alt in zip(rows["caption"], rows["alt_text"], strict=True):
+        assert conv.convert(cap) == cap and cap != alt
+
+
+def test_shards_load_with_webdataset_and_datasets(sample_run):
+    import datasets
+    import webdataset as wds
+
+    run_dir = Path(sample_run["run_dir"])
+    tars = sorted(str(p) for p in (run_dir / "dataset").glob("*.tar"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil"))
+    assert len(samples) == sample_run["report"]["samples"] > 0
+    meta = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (run_dir / "dataset").glob("*.parquet")),
+                                 split="train")
+    assert len(meta) == len(samples)
+    by_key = {r["key"]: r for r in meta}
+    for s in samples:
+        row = by_key[s["__key__"]]
+        assert s["txt"] == row["caption"] and s["json"]["url"] == row["url"]
+        assert s["jpg"].size == (row["width"], row["height"])
+    for col in ("key", "url", "caption", "alt_text", "page_url", "snapshot", "width", "height", "sha256"):
+        assert col in meta.column_names
+    rejects = pd.concat([pd.read_parquet(p) for p in (run_dir / "rejects").glob("*.parquet")])
+    assert {"key", "url", "page_url", "alt_text", "drop_reason"} <= set(rejects.columns)
+
+
+def test_rerun_rewrites_nothing_and_a_threshold_change_recomputes_downstream(sample_run, sample_crawl, tmp_path):
+    out = tmp_path / "again"
+    run_dir = Path(run_sample(out, sample_crawl)["run_dir"])
+    lance_before = tree_digest(out / "lancedb")
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and not p.name.startswith("report.")}
+    again = run_sample(out, sample_crawl)
+    assert again["run_dir"] == str(run_dir)
+    after = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and not p.name.startswith("report.")}
+    assert after == before
+    assert tree_digest(out / "lancedb") == lance_before
+
+    changed = run_sample(out, sample_crawl, config={"image": {"min_side": 300}})
+    mtime = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.done.json")}
+    for step in ("extract", "source", "fetch", "refine"):
+        for p in (run_dir / "steps" / step).glob("*.done.json"):
+            assert mtime[p] == before[p], f"{step} recomputed"
+    for step in ("image", "embed", "align", "crossbatch", "write"):
+        for p in (run_dir / "steps" / step).glob("*.done.json"):
+            assert mtime[p] != before[p], f"{step} not recomputed"
+    image = {s["stage"]: s for s in changed["report"]["stages"]}["image"]
+    assert image["dropped"]["image.geometry"] > {s["stage"]: s for s in sample_run["report"]["stages"]}["image"][
+        "dropped"]["image.geometry"]
+
+
+def test_interrupted_run_resumes_to_identical_output(sample_run, sample_crawl, tmp_path, monkeypatch):
+    import tasks.image
+
+    real = tasks.image.filter_images
+    calls = {"n": 0}
+
+    def flaky(frame, config):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure in the image stage")
+        return real(frame, config)
+
+    monkeypatch.setattr(tasks.image, "filter_images", flaky)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_sample(tmp_path, sample_crawl)
+    run_dir = tmp_path / sample_run["run_id"]
+    done = list((run_dir / "steps" / "image").glob("*.done.json"))
+    assert done, "no image shard finished before the failure"
+    monkeypatch.setattr(tasks.image, "filter_images", real)
+    finished_before = {p: p.stat().st_mtime_ns for p in done}
+    run_sample(tmp_path, sample_crawl)
+    assert {p: p.stat().st_mtime_ns for p in done} == finished_before  # finished shards were not redone
+    reference = Path(sample_run["run_dir"])
+    for folder in ("dataset", "rejects"):
+        assert tree_digest(run_dir / folder) == tree_digest(reference / folder)
+
+
+def test_structural_contract_failure_names_stage_column_and_check(prefect_server, sample_crawl, tmp_path, monkeypatch):
+    import tasks.refine
+
+    real = tasks.refine.refine_text
+    monkeypatch.setattr(tasks.refine, "refine_text", lambda frame, cfg: real(frame, cfg).drop(columns=["caption"]))
+    with pytest.raises(ContractError) as err:
+        run_sample(tmp_path, sample_crawl)
+    msg = str(err.value)
+    assert "'refine'" in msg and "'caption'" in msg and "column_in_dataframe" in msg
+
+
+def test_row_level_contract_failure_is_quarantined(prefect_server, sample_crawl, tmp_path, monkeypatch):
+    import tasks.refine
+
+    real = tasks.refine.refine_text
+
+    def blank_first(frame, cfg):
+        out = real(frame, cfg)
+        out.loc[out.index[:1], "caption"] = ""
+        return out
+
+    monkeypatch.setattr(tasks.refine, "refine_text", blank_first)
+    result = run_sample(tmp_path, sample_crawl, max_failure_fraction=0.05)
+    refine = {s["stage"]: s for s in result["report"]["stages"]}["refine"]
+    assert refine["dropped"] == {"refine.schema_violation": 3}  # one row in each of the three shards
+    rejects = pd.concat([pd.read_parquet(p) for p in (Path(result["run_dir"]) / "rejects").glob("refine-*.parquet")])
+    assert (rejects["drop_reason"] == "refine.schema_violation").sum() == 3
+    check_report(Path(result["run_dir"]) / "report.json")
