@@ -54,7 +54,7 @@ def select_sources(frame: pd.DataFrame, config: SourceConfig = SourceConfig()) -
     out = frame.copy()
     norm = out["alt_text"].map(normalise_alt)
     out["alt_norm"] = norm.astype("str")
-    chinese = norm.map(lambda t: is_mostly_chinese(t, config.min_han_share, config.max_kana_share))
+    chinese = norm.map(lambda t: is_mostly_chinese(t, config.min_han_share, config.max_kana_share)).astype(bool)
     words = pd.Series(0, index=out.index, dtype="int64")
     words[chinese] = norm[chinese].map(count_words).astype("int64")
     out["word_count"] = words
