@@ -111,10 +111,13 @@ def run_shard_step(
     inputs: list,
     compute: Callable[[], tuple[pd.DataFrame, dict, dict[str, Callable[[Path], None]]]],
     config: dict | None = None,
+    side: dict[str, list[str]] | None = None,
 ) -> dict:
     """Skip when the marker matches; else compute, validate, write kept rows and rejects, then mark.
 
     `compute` returns (frame with drop_reason, extra stats, extra outputs path-name -> writer).
+    `side` moves columns of the kept rows into their own file (suffix -> columns, `key` kept in both),
+    so bulky image bytes are written once and not copied through every later stage.
     """
     digest = shards.stable_hash({"step": step, "version": CODE_VERSION, "config": config or {}, "inputs": inputs})
     mpath = marker_path(ctx, step, shard)
@@ -129,9 +132,14 @@ def run_shard_step(
     dropped_rows = pd.concat([dropped_rows, quarantined]) if len(quarantined) else dropped_rows
     out = step_path(ctx, step, shard)
     rejects = ctx.root / "rejects" / f"{step}-{shard}.parquet"
+    outputs = [_rel(ctx, out), _rel(ctx, rejects)]
+    for suffix, cols in (side or {}).items():
+        path = step_path(ctx, step, shard, suffix)
+        shards.write_parquet(kept[["key", *cols]], path, compression="none")  # JPEG bytes do not compress
+        kept = kept.drop(columns=cols)
+        outputs.append(_rel(ctx, path))
     shards.write_parquet(kept, out)
     shards.write_parquet(write_stage.rejects(dropped_rows), rejects)
-    outputs = [_rel(ctx, out), _rel(ctx, rejects)]
     for name, writer in extra_outputs.items():
         path = step_path(ctx, step, shard, name)
         shards.write_with(path, writer)
@@ -221,7 +229,19 @@ def fetch(ctx: RunContext, shard: str, upstream: dict, replay_index: dict | None
 
     inputs = [upstream["hash"], ctx.fetcher, replay_index["hash"] if replay_index else None]
     return run_shard_step(ctx, "fetch", shard, inputs, compute,
-                          {"fetch": config_dict(cfg), "transport": config_dict(transport)})
+                          {"fetch": config_dict(cfg), "transport": config_dict(transport)},
+                          side={IMAGES: ["image"]})
+
+
+IMAGES = ".images.parquet"  # the fetch step's side file: key -> JPEG bytes of the kept rows
+
+
+def with_images(ctx: RunContext, frame: pd.DataFrame, shard: str) -> pd.DataFrame:
+    """Attach the image bytes the fetch step stored, by key, in the frame's order."""
+    images = shards.read_parquet(step_path(ctx, "fetch", shard, IMAGES)).set_index("key")["image"]
+    out = frame.copy()
+    out["image"] = images.reindex(out["key"]).to_numpy()
+    return out
 
 
 @task(name="replay-index", cache_policy=NO_CACHE)
@@ -263,8 +283,9 @@ def embed(ctx: RunContext, shard: str, upstream: dict) -> dict:
         embed_model = load_model(_resolved(ctx, "embed"))
         align_model = embed_model if ctx.models["align"] == ctx.models["embed"] else load_model(
             _resolved(ctx, "align"))
-        frame = _read(ctx, "image", shard)
+        frame = with_images(ctx, _read(ctx, "image", shard), shard)
         scored, vectors = embed_stage.embed_pairs(frame, embed_model, align_model, cfg)
+        scored = scored.drop(columns=["image"])
         vectors, _ = C.validate(C.EmbeddingSchema, vectors, "image", 0.0)
         return scored, {"dim": int(embed_model.dim)}, {".vectors.parquet": _parquet_writer(vectors)}
 
@@ -341,7 +362,7 @@ def write(ctx: RunContext, shard: str, upstream: dict) -> dict:
     marker = shards.read_json(mpath)
     if _fresh(ctx, marker, digest):
         return marker
-    frame = _read(ctx, "crossbatch", shard)
+    frame = with_images(ctx, _read(ctx, "crossbatch", shard), shard)
     tar = ctx.root / "dataset" / f"{shard}.tar"
     meta = ctx.root / "dataset" / f"{shard}.parquet"
     shards.write_with(tar, lambda p: write_stage.write_webdataset(frame, p))

@@ -51,10 +51,9 @@ class SourcedSchema(CandidateSchema):
     word_count: Series[np.int64] = pa.Field(ge=0)
 
 
-class FetchedSchema(SourcedSchema):
-    """fetch output: decoded image bytes (JPEG) and their measurements."""
+class FetchedMetaSchema(SourcedSchema):
+    """fetch output as later stages read it: the image's measurements (its bytes live in a side file)."""
 
-    image: Series[object]  # JPEG bytes
     width: Series[np.int64] = pa.Field(gt=0)
     height: Series[np.int64] = pa.Field(gt=0)
     original_width: Series[np.int64] = pa.Field(gt=0)
@@ -62,12 +61,18 @@ class FetchedSchema(SourcedSchema):
     sha256: Series[str] = pa.Field(str_matches=r"^[0-9a-f]{64}$")  # of the bytes as fetched
     mime: Series[str]
 
+
+class FetchedSchema(FetchedMetaSchema):
+    """fetch output as the stage produces it: with the decoded image bytes (JPEG)."""
+
+    image: Series[object]  # JPEG bytes, moved to <shard>.images.parquet once validated
+
     @pa.check("image", name="non_empty_bytes")
     def _bytes(cls, s: pd.Series) -> pd.Series:
         return s.map(lambda b: isinstance(b, bytes | bytearray) and len(b) > 0)
 
 
-class RefinedSchema(FetchedSchema):
+class RefinedSchema(FetchedMetaSchema):
     """refine output: the refined caption (what `<key>.txt` holds)."""
 
     caption: Series[str] = pa.Field(str_length={"min_value": 1})
@@ -111,8 +116,9 @@ class ContractError(RuntimeError):
     """A broken contract between stages: raised at once, naming stage, column, check and rows."""
 
 
-# Checks that describe the frame's structure rather than a row: these always raise.
-_STRUCTURAL = ("column_in_dataframe", "column_in_schema", "dtype(", "multiple_columns", "unique")
+# Checks that describe the frame's structure rather than a row: these always raise (pandera's check names).
+# A duplicated key is one of them: quarantining it would drop every copy, the first one included.
+_STRUCTURAL = ("column_in_dataframe", "column_in_schema", "dtype(", "field_uniqueness", "multiple_fields_uniqueness")
 
 
 def _is_structural(check: str) -> bool:
@@ -121,6 +127,9 @@ def _is_structural(check: str) -> bool:
 
 def _describe(stage: str, fc: pd.DataFrame, what: str) -> str:
     lines = [f"stage {stage!r}: {what}"]
+    # pandera files a missing column under the schema's name, with the column as the failure case
+    missing = fc["check"].astype(str) == "column_in_dataframe"
+    fc = fc.assign(column=fc["column"].where(~missing, fc["failure_case"]))
     for (col, check), grp in fc.groupby(["column", "check"], dropna=False, sort=False):
         rows = [str(i) for i in grp["index"].head(5).tolist() if i is not None and i == i]
         cases = [repr(c)[:60] for c in grp["failure_case"].head(3).tolist()]

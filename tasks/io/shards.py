@@ -19,10 +19,10 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+def write_parquet(frame: pd.DataFrame, path: Path, compression: str = "zstd") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    frame.reset_index(drop=True).to_parquet(tmp, index=False, compression="zstd")
+    frame.reset_index(drop=True).to_parquet(tmp, index=False, compression=compression)
     os.replace(tmp, path)
 
 
