@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 
 from flows import steps
 from flows.report import publish_report
-from flows.runtime import ensure_gpu_limit
+from flows.runtime import ensure_gpu_limit, task_runner
 from flows.settings import CurateParams, LocalClusterSpec, check_config
 from tasks.io import shards
 
@@ -58,7 +58,7 @@ def _progress(enabled: bool):
     return Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
-@flow(name="curate-snapshot", log_prints=True)
+@flow(name="curate-snapshot", log_prints=True, task_runner=task_runner(None))  # a local Dask cluster by default
 def curate_snapshot(params: CurateParams, progress: bool = False) -> dict:
     """WARC files -> Chinese image-text pairs: webdataset shards, parquet metadata, rejects and a funnel report."""
     log = get_run_logger()
@@ -141,6 +141,6 @@ def curate(
     if dask_address:
         params = params.model_copy(update={"gpu_resource": runtime.check_scheduler(dask_address)})
     out = Path(params.out)
-    runner = runtime.task_runner(dask_address, cluster or LocalClusterSpec(), out / ".dask")
+    runner = runtime.task_runner(dask_address, cluster, out / ".dask")
     with runtime.prefect_api(out / ".logs"):
         return curate_snapshot.with_options(task_runner=runner)(params, progress=progress)

@@ -107,21 +107,27 @@ def check_scheduler(address: str, timeout_s: float = 10.0) -> bool:
     return any("GPU" in (w.get("resources") or {}) for w in workers.values())
 
 
-def task_runner(address: str | None, spec: LocalClusterSpec, work_dir: Path):
-    """DaskTaskRunner on an existing scheduler, or on a LocalCluster with explicit limits."""
+def task_runner(address: str | None, spec: LocalClusterSpec | None = None, work_dir: Path | None = None):
+    """DaskTaskRunner on an existing scheduler, or on a LocalCluster with explicit limits.
+
+    `work_dir` is the workers' scratch space (spilled data); default: Dask's temporary directory.
+    """
     from prefect_dask import DaskTaskRunner
 
     if address:
         return DaskTaskRunner(address=address)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": spec.n_workers, "threads_per_worker": spec.threads_per_worker,
-            "processes": spec.processes, "memory_limit": spec.memory_limit,
-            "local_directory": str(work_dir), "dashboard_address": ":0",
-        },
-    )
+    import dask
+
+    spec = spec or LocalClusterSpec()
+    # read by each Nanny when it spawns its worker process (None unsets the variable)
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": spec.malloc_trim_threshold})
+    kwargs = {
+        "n_workers": spec.n_workers, "threads_per_worker": spec.threads_per_worker,
+        "processes": spec.processes, "memory_limit": spec.memory_limit, "dashboard_address": ":0",
+    }
+    if work_dir is not None:
+        kwargs["local_directory"] = str(work_dir)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
 
 
 def ensure_gpu_limit(slots: int) -> None:

@@ -43,6 +43,9 @@ class LocalClusterSpec(BaseModel):
     threads_per_worker: int = 1  # one model copy per worker process; threads would share the GIL anyway
     processes: bool = True  # False: threads in this process (debugging, in-process tests)
     memory_limit: str = "6GiB"  # per worker; Dask spills and then pauses before the machine swaps
+    # Dask sets MALLOC_TRIM_THRESHOLD_=65536 in workers against fragmentation; any fixed value turns off
+    # glibc's adaptive mmap threshold and costs ~25% on image decoding (bench/overhead.py). None: unset.
+    malloc_trim_threshold: int | None = None
 
 
 class CurateParams(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,7 @@ def run_shard_step(
     if _fresh(ctx, marker, digest):
         return marker
     stage, schema = STEPS[step]
+    started = time.perf_counter()
     frame, extra, extra_outputs = compute()
     dropped_rows = frame[frame["drop_reason"].notna()]
     kept = frame[frame["drop_reason"].isna()].drop(columns=["drop_reason"])
@@ -149,7 +151,7 @@ def run_shard_step(
         "hash": digest, "step": step, "stage": stage, "shard": shard,
         "in": int(len(frame)), "kept": int(len(kept)),
         "dropped": {str(k): int(v) for k, v in sorted(counts.items())},
-        "extra": extra, "outputs": outputs,
+        "extra": extra, "outputs": outputs, "seconds": round(time.perf_counter() - started, 3),
     }
     shards.write_json(marker, mpath)
     return marker

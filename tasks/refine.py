@@ -13,9 +13,14 @@ import pandas as pd
 STAGE = "refine"
 RULES: tuple[str, ...] = ()  # lid, stop_words, no_noun, unk_tokens, low_entropy, text_safety: the refinement issue
 
-_URL = re.compile(r"(?:https?://|ftp://|www\.)\S+", re.I)
+# A URL ends at the first character URLs cannot hold (RFC 3986): Chinese text often follows with no space.
+_URL = re.compile(r"(?:https?://|ftp://|www\.)[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+", re.I)
 _TAG = re.compile(r"<[^>]{0,200}>")
-_ZERO_WIDTH = re.compile(r"[\u200b-\u200f\u2028-\u202f\u2060-\u206f\ufeff]")
+# Zero-width and bidi controls, and the marks an emoji leaves behind once its symbol is gone:
+# variation selectors (❤️ = U+2764 U+FE0F) and the combining keycap (1️⃣ = 1 U+FE0F U+20E3).
+_ZERO_WIDTH = re.compile(
+    r"[\u200b-\u200f\u2028-\u202f\u2060-\u206f\ufeff\ufe00-\ufe0f\u20e3\U000e0100-\U000e01ef]"
+)
 _SPACE = re.compile(r"\s+")
 
 

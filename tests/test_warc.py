@@ -123,8 +123,9 @@ def _all_offsets(path) -> list[tuple[str, int]]:
         return [(rec.rec_type, it.offset) for rec in it]
 
 
-def _read_everything(path, backend: str) -> int:
-    return sum(len(rec.read()) >= 0 for rec in iter_records(str(path), backend))
+def _read_everything(path, backend: str) -> None:
+    for rec in iter_records(str(path), backend):
+        rec.read()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

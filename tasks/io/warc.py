@@ -91,7 +91,7 @@ def _iter_fast(fh, path: str) -> Iterator[Record]:
     for rec in _guarded(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True), path):
         h = rec.headers
         is_http = rec.is_http and rec.http_headers is not None
-        encoded = is_http and bool(rec.http_headers.get("Transfer-Encoding") or rec.http_headers.get("Content-Encoding"))
+        encoded = is_http and any(rec.http_headers.get(n) for n in ("Transfer-Encoding", "Content-Encoding"))
         mime, charset = _split_type(rec.http_headers.get("Content-Type")) if is_http else (None, None)
         if not is_http:
             mime = _split_type(h.get("Content-Type"))[0] if rec.record_type != _FastType.response else None

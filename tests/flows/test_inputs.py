@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from test_curate import IN_PROCESS, check_report, run_sample
 
 from flows.curate import curate
 from flows.settings import CurateParams, LocalClusterSpec
-from test_curate import IN_PROCESS, check_report, run_sample
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -93,8 +93,8 @@ def _page_warc(path: Path, pages: list[tuple[str, str]]) -> None:
             resp = writer.create_warc_record(url, "response", payload=io.BytesIO(html.encode()),
                                              http_headers=headers)
             writer.write_record(resp)
-            meta = ('languages-cld2: {"reliable":true,"languages":[{"code":"zh","code-iso-639-3":"zho",'
-                    '"text-covered":0.95}]}\r\n').encode()
+            meta = (b'languages-cld2: {"reliable":true,"languages":[{"code":"zh","code-iso-639-3":"zho",'
+                    b'"text-covered":0.95}]}\r\n')
             writer.write_record(writer.create_warc_record(url, "metadata", payload=io.BytesIO(meta),
                                                           warc_content_type="application/warc-fields"))
 

@@ -1,0 +1,183 @@
+"""Benchmark: curate_snapshot on a 1-worker, 1-thread Dask cluster vs one plain process, same stages, same shards.
+
+overhead_fraction = flow seconds / plain seconds - 1. The Prefect server's and the cluster's start-up are
+excluded from the flow time and reported apart as startup_seconds. Shards are generated WARC files of
+Chinese pages whose images are WARC records (replayed), `--shard-mb` each (the natural shard is one
+~1 GB Common Crawl WARC; the default here is 50 MB). Last stdout line: one JSON object of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORDS = ["美丽", "的", "山水", "风景", "城市", "夜景", "一只", "可爱", "小猫", "在", "草地", "上", "玩耍", "传统",
+         "建筑", "古老", "寺庙", "新鲜", "水果", "蔬菜", "市场", "里", "春天", "花朵", "盛开", "公园", "湖边", "孩子们"]
+
+
+def _image(rng: np.random.Generator, w: int, h: int) -> bytes:
+    """A photo-like image: smooth random structure plus grain, ~40-60 KB as JPEG."""
+    small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
+    grain = rng.normal(0, 12, (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def write_shard(path: Path, index: int, target_bytes: int) -> None:
+    """One WARC: pages with 10 images each, then the images as response records, until target_bytes."""
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    rng = np.random.default_rng(index)
+    pool = [_image(rng, 480, 360) for _ in range(40)]
+    written = 0
+    page = 0
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        writer = WARCWriter(fh, gzip=True)
+        while written < target_bytes:
+            url = f"http://www.bench{index}.test/p{page}.html"
+            imgs = []
+            for j in range(10):
+                caption = "".join(rng.choice(WORDS, size=int(rng.integers(8, 20))))
+                imgs.append((f"http://img{index}.bench.test/{page}/{j}.jpg", caption))
+            tags = "".join(f'<img src="{u}" alt="{c}">' for u, c in imgs)
+            html = f"<html><body><p>图片新闻</p>{tags}</body></html>"
+            hdr = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(html.encode()),
+                                                          http_headers=hdr))
+            meta = b'languages-cld2: {"reliable":true,"languages":[{"code":"zh","text-covered":0.99}]}\r\n'
+            writer.write_record(writer.create_warc_record(url, "metadata", payload=io.BytesIO(meta),
+                                                          warc_content_type="application/warc-fields"))
+            for u, _ in imgs:
+                body = pool[int(rng.integers(0, len(pool)))]
+                ihdr = StatusAndHeaders("200 OK", [("Content-Type", "image/jpeg")], protocol="HTTP/1.1")
+                writer.write_record(writer.create_warc_record(u, "response", payload=io.BytesIO(body),
+                                                              http_headers=ihdr))
+                written += len(body)
+            page += 1
+    tmp.rename(path)
+
+
+def shards(work: Path, n: int, mb: float) -> list[str]:
+    paths = []
+    for i in range(n):
+        p = work / f"bench-{int(mb)}mb-{i:03d}.warc.gz"
+        if not p.exists():
+            write_shard(p, i, int(mb * 1e6))
+        paths.append(str(p))
+    return paths
+
+
+def plain(warcs: list[str], out: Path) -> float:
+    """The same stage functions in one process, intermediates in memory, the same dataset files written."""
+    import pandas as pd
+
+    from tasks import align, embed, extract, fetch, image, refine, source, write
+    from tasks.io import shards as io_shards
+    from tasks.io.lance import upsert_embeddings
+    from tasks.io.replay import ReplayFetcher
+    from tasks.models import load_model, resolve_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = load_model(resolve_model("embed", None))
+    results = [extract.extract_warc(w) for w in warcs]
+    fetcher = ReplayFetcher(pd.concat([r.replay for r in results], ignore_index=True))
+    scored = []
+    for r in results:
+        f = r.candidates[r.candidates["drop_reason"].isna()].drop(columns=["drop_reason"])
+        for fn in (source.select_sources, lambda x: fetch.fetch_images(x, fetcher), refine.refine_text,
+                   image.filter_images):
+            f = fn(f)
+            f = f[f["drop_reason"].isna()].drop(columns=["drop_reason"])
+        s, vectors = embed.embed_pairs(f, model, model)
+        upsert_embeddings(str(out / "lancedb"), "placeholder", "plain", "bench", vectors)
+        scored.append(s)
+    band = align.choose_band(pd.concat([s["align_cosine"] for s in scored]).to_numpy(), align.AlignConfig(),
+                             "placeholder", True)
+    for i, s in enumerate(scored):
+        k = align.apply_band(s, band)
+        k = k[k["drop_reason"].isna()]
+        write.write_webdataset(k, out / f"{i:05d}.tar")
+        io_shards.write_parquet(write.metadata(k), out / f"{i:05d}.parquet")
+    return time.perf_counter() - start
+
+
+def flow(warcs: list[str], out: Path) -> tuple[float, float, int]:
+    """(flow seconds, start-up seconds, samples) on a 1-worker, 1-thread LocalCluster of processes."""
+    from distributed import Client, LocalCluster
+
+    from flows import runtime
+    from flows.curate import curate_snapshot
+    from flows.settings import CurateParams
+
+    t0 = time.perf_counter()
+    runtime.task_runner(None)  # applies the project's worker environment to the cluster below
+    with runtime.prefect_api(out / ".logs"), LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, memory_limit="8GiB", dashboard_address=":0",
+        local_directory=str(out / ".dask"),
+    ) as cluster, Client(cluster) as client:
+        # modules imported and jieba's dictionary loaded on the worker: start-up, as in the plain process
+        client.run(_warm)
+        startup = time.perf_counter() - t0
+        params = CurateParams(warcs=warcs, out=str(out), fetcher="replay")
+        t1 = time.perf_counter()
+        result = curate_snapshot.with_options(task_runner=runtime.task_runner(cluster.scheduler_address, None, out))(
+            params)
+        elapsed = time.perf_counter() - t1
+    return elapsed, startup, result["report"]["samples"]
+
+
+def _warm() -> None:
+    import flows.steps  # noqa: F401
+    import tasks.models  # noqa: F401
+    from tasks.source import count_words
+
+    count_words("预热分词词典")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shards", type=int, default=3)
+    ap.add_argument("--shard-mb", type=float, default=50.0)
+    ap.add_argument("--quick", action="store_true", help="2 shards of 5 MB: finishes in about a minute")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "danqing-bench"))
+    args = ap.parse_args()
+    if args.quick:
+        args.shards, args.shard_mb = 2, 5.0
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    warcs = shards(work, args.shards, args.shard_mb)
+    _warm()
+    import shutil
+
+    for d in ("plain", "flow"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    plain_s = plain(warcs, work / "plain")
+    flow_s, startup_s, samples = flow(warcs, work / "flow")
+    figures = {
+        "shards": args.shards, "shard_mb": args.shard_mb, "samples": samples,
+        "plain_seconds": round(plain_s, 2), "flow_seconds": round(flow_s, 2),
+        "startup_seconds": round(startup_s, 2), "overhead_fraction": round(flow_s / plain_s - 1, 4),
+    }
+    for k, v in figures.items():
+        print(f"{k:>18}: {v}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

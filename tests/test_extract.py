@@ -1,0 +1,363 @@
+"""Tests for tasks.extract: page selection, decoding and <img> candidates, on real and tiny WARCs."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import lxml.html
+import pandas as pd
+import pytest
+from _fixtures import fixture_path
+from warcio.archiveiterator import ArchiveIterator
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from schemas.contracts import row_key
+from tasks.extract import ExtractConfig, decode_html, extract_warc, primary_language, resolve_src
+
+BACKENDS = ("fastwarc", "warcio")
+SNAPSHOT = "CC-MAIN-2099-01"
+ZH_TEXT = "这是一个关于中国传统文化的网页，介绍了书法、绘画和园林艺术的历史与发展。"
+JA_TEXT = "これは日本の伝統文化についてのページです。書道と絵画の歴史を紹介します。"
+EN_TEXT = "This page is about the history of gardens, calligraphy and painting in many countries."
+
+
+# ---------------------------------------------------------------- the real Common Crawl excerpt
+
+
+def _cc_excerpt():
+    """Per response URL: body, CC's first cld2 language and CC's detected charset, read with warcio only."""
+    path = fixture_path("warc/warcfile.warc.gz")
+    bodies, meta = {}, {}
+    with open(path, "rb") as fh:
+        for rec in ArchiveIterator(fh):
+            uri = rec.rec_headers.get_header("WARC-Target-URI")
+            if rec.rec_type == "response":
+                bodies[uri] = rec.content_stream().read()
+            elif rec.rec_type == "metadata":
+                fields = dict(line.split(": ", 1) for line in rec.content_stream().read().decode().splitlines()
+                              if ": " in line)
+                meta[uri] = (json.loads(fields["languages-cld2"])["languages"][0]["code"], fields["charset-detected"])
+    return path, bodies, meta
+
+
+def _lxml_imgs(body: bytes, charset: str) -> list[tuple[str | None, str | None]]:
+    codec = {"gb2312": "gb18030", "gbk": "gb18030"}.get(charset.lower(), charset)
+    doc = lxml.html.document_fromstring(body.decode(codec, errors="replace"))
+    return [(img.get("src"), img.get("alt")) for img in doc.iter("img")]
+
+
+def _plain(col: pd.Series) -> list:
+    return [None if pd.isna(v) else v for v in col]
+
+
+@pytest.fixture(scope="module")
+def cc_excerpt():
+    return _cc_excerpt()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cc_excerpt_selects_the_pages_cc_labels_chinese(cc_excerpt, backend):
+    path, bodies, meta = cc_excerpt
+    result = extract_warc(str(path), ExtractConfig(backend=backend))
+    chinese = [u for u, (lang, _) in meta.items() if lang == "zh"]
+    expected_imgs = sum(len(_lxml_imgs(bodies[u], meta[u][1])) for u in chinese)
+    assert (len(bodies), len(chinese), expected_imgs) == (16, 11, 96)  # the fixture README's figures
+    assert result.stats["pages_total"] == len(bodies)
+    assert result.stats["pages_selected"] == len(chinese)
+    assert result.stats["img_elements"] == len(result.candidates) == expected_imgs
+    assert set(result.candidates["page_url"]) <= set(chinese)
+    assert result.stats["records_truncated"] == 0
+
+
+def test_cc_excerpt_candidates_match_lxml_page_by_page(cc_excerpt):
+    """Every <img> of every Chinese page, in document order, with the src and alt that lxml reads."""
+    path, bodies, meta = cc_excerpt
+    cand = extract_warc(str(path)).candidates
+    for url, (lang, charset) in meta.items():
+        if lang != "zh":
+            continue
+        rows = cand[cand["page_url"] == url]
+        got = list(zip(_plain(rows["src"]), _plain(rows["alt_text"]), strict=True))
+        assert got == _lxml_imgs(bodies[url], charset), url
+
+
+def test_cc_excerpt_drop_reasons_follow_from_the_rows(cc_excerpt):
+    path, _, _ = cc_excerpt
+    cand = extract_warc(str(path)).candidates
+    no_src = cand["src"].isna() | (cand["src"].fillna("").str.strip() == "")
+    assert (cand["drop_reason"] == "extract.no_src").eq(no_src).all()
+    kept = cand[cand["drop_reason"].isna()]
+    assert not kept.duplicated(["page_url", "url"]).any()
+    assert kept["url"].str.match(r"^https?://[^/\s]+").all()
+    dup = cand[cand["drop_reason"] == "extract.duplicate"]
+    assert len(dup) > 0
+    for _, row in dup.iterrows():  # a duplicate repeats a URL kept earlier on the same page
+        earlier = cand.loc[: row.name - 1]
+        assert ((earlier["page_url"] == row["page_url"]) & (earlier["url"] == row["url"])
+                & earlier["drop_reason"].isna()).any()
+    assert set(cand["snapshot"]) == {"CC-MAIN-2020-34"}  # from the warcinfo record's isPartOf
+    assert cand["key"].str.fullmatch(r"[0-9a-f]{20}").all()
+
+
+def test_cc_excerpt_backends_give_the_same_frames(cc_excerpt):
+    path, _, _ = cc_excerpt
+    fast = extract_warc(str(path), ExtractConfig(backend="fastwarc"))
+    slow = extract_warc(str(path), ExtractConfig(backend="warcio"))
+    pd.testing.assert_frame_equal(fast.candidates, slow.candidates)
+    pd.testing.assert_frame_equal(fast.replay, slow.replay)
+    assert fast.stats == slow.stats
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_japanese_clueweb_pages_are_read_but_not_selected(backend):
+    result = extract_warc(str(fixture_path("warc/clueweb-quirk.warc.gz")), ExtractConfig(backend=backend))
+    assert result.stats["pages_total"] == 29  # every EUC-JP page is read as a page (LF-only HTTP headers)
+    assert result.stats["pages_selected"] == 0
+    assert len(result.candidates) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clipped_record_is_counted_not_fatal(backend):
+    result = extract_warc(str(fixture_path("warc/clipped.warc.gz")), ExtractConfig(backend=backend))
+    assert result.stats["records_truncated"] == 1
+    assert len(result.replay) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_english_wget_crawl_has_pages_but_none_selected(backend):
+    path = fixture_path("warc/sample-0000.warc.gz")
+    with open(path, "rb") as fh:
+        html_200 = sum(
+            1 for rec in ArchiveIterator(fh) if rec.rec_type == "response"
+            and rec.http_headers.get_statuscode() == "200"
+            and (rec.http_headers.get_header("Content-Type") or "").startswith("text/html")
+        )
+    result = extract_warc(str(path), ExtractConfig(backend=backend))
+    assert result.stats["pages_total"] == html_200 > 0
+    assert result.stats["pages_selected"] == 0
+    assert result.replay["url"].str.startswith("https://").all()  # wget's <...> around the URI is gone
+
+
+# ---------------------------------------------------------------- tiny WARCs built here
+
+
+@dataclass
+class Resp:
+    url: str
+    body: bytes
+    content_type: str = "text/html; charset=utf-8"
+    status: int = 200
+    langs: tuple[str, ...] | None = None  # languages-cld2 codes of a metadata record; None: no record
+
+
+def _page(body_text: str, imgs: str = "", head: str = "") -> str:
+    return f"<!DOCTYPE html><html><head>{head}</head><body><p>{body_text}</p>{imgs}</body></html>"
+
+
+def write_warc(path, responses: list[Resp], snapshot: str = SNAPSHOT) -> dict[str, int]:
+    """A gzipped Common Crawl-style WARC; returns each response's record offset (read back by warcio)."""
+    with open(path, "wb") as fh:
+        writer = WARCWriter(fh, gzip=True)
+        writer.write_record(writer.create_warcinfo_record(path.name, {"isPartOf": snapshot}))
+        for r in responses:
+            http = StatusAndHeaders(f"{r.status} X", [("Content-Type", r.content_type)], protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(r.url, "response", payload=io.BytesIO(r.body),
+                                                          http_headers=http))
+            if r.langs is not None:
+                cld2 = json.dumps({"reliable": True, "languages": [{"code": c} for c in r.langs]})
+                meta = f"fetchTimeMs: 10\r\ncharset-detected: UTF-8\r\nlanguages-cld2: {cld2}\r\n"
+                writer.write_record(writer.create_warc_record(
+                    r.url, "metadata", payload=io.BytesIO(meta.encode()), warc_content_type="application/warc-fields"))
+    offsets = {}
+    with open(path, "rb") as fh:
+        it = ArchiveIterator(fh)
+        for rec in it:
+            if rec.rec_type == "response":
+                offsets[rec.rec_headers.get_header("WARC-Target-URI")] = it.offset
+    return offsets
+
+
+def _extract(tmp_path, responses, backend="fastwarc", **kw):
+    path = tmp_path / "tiny.warc.gz"
+    offsets = write_warc(path, responses)
+    return extract_warc(str(path), ExtractConfig(backend=backend), **kw), offsets, path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_page_language_rules(tmp_path, backend):
+    img = '<img src="/a.jpg" alt="图片">'
+    responses = [
+        Resp("http://zh.example.cn/", _page(ZH_TEXT, img).encode()),  # no metadata: the text decides
+        Resp("http://ja.example.jp/", _page(JA_TEXT, img).encode()),  # no metadata, kana: Japanese
+        Resp("http://en-zh.example.com/", _page(ZH_TEXT, img).encode(), langs=("en", "zh")),  # label wins
+        Resp("http://zh-en.example.com/", _page(EN_TEXT, img).encode(), langs=("zh", "en")),
+        Resp("http://hant.example.tw/", _page("這是繁體中文網頁，介紹書法與繪畫。", img).encode(), langs=("zh-Hant",)),
+        Resp("http://en.example.com/", _page(EN_TEXT, img).encode()),
+    ]
+    result, _, _ = _extract(tmp_path, responses, backend)
+    assert result.stats["pages_total"] == 6
+    assert set(result.candidates["page_url"]) == {
+        "http://zh.example.cn/", "http://zh-en.example.com/", "http://hant.example.tw/"}
+    assert result.stats["pages_selected"] == 3
+
+
+def test_fallback_thresholds_are_config(tmp_path):
+    # Mixed page: 10 Han characters and 15 English words; half-Han is the default bar.
+    text = "中文中文中文中文中文 " + " ".join(["word"] * 15)
+    responses = [Resp("http://mixed.example.com/", _page(text, '<img src="a.jpg" alt="x">').encode())]
+    strict, _, _ = _extract(tmp_path, responses)
+    path = tmp_path / "tiny.warc.gz"
+    lax = extract_warc(str(path), ExtractConfig(fallback_min_han_share=0.3))
+    assert (strict.stats["pages_selected"], lax.stats["pages_selected"]) == (0, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["http", "meta"])
+def test_gbk_page_is_decoded(tmp_path, backend, where):
+    alt = "红烧肉的做法图解，简单易学"
+    head = '<meta http-equiv="Content-Type" content="text/html; charset=gb2312">' if where == "meta" else ""
+    body = _page(ZH_TEXT, f'<img src="http://img.example.cn/1.jpg" alt="{alt}">', head).encode("gbk")
+    ctype = "text/html; charset=GBK" if where == "http" else "text/html"
+    result, _, _ = _extract(tmp_path, [Resp("http://gbk.example.cn/", body, ctype)], backend)
+    assert result.candidates["alt_text"].tolist() == [alt]
+
+
+def test_img_reasons_and_url_resolution(tmp_path):
+    imgs = "".join([
+        '<img alt="没有地址">',  # no src
+        '<img src="" alt="空地址">',
+        '<img src="   " alt="空白地址">',
+        '<img src="data:image/png;base64,iVBORw0KGgo=" alt="内嵌图片">',
+        '<img src="javascript:void(0)" alt="脚本">',
+        '<img src="photos/a.jpg" alt="相对地址">',
+        '<img src="/root.jpg" alt="根地址">',
+        '<img src="//cdn.example.net/b.png" alt="协议相对">',
+        '<img src="https://other.example.org/c.gif" alt="绝对地址">',
+        '<img src="photos/a.jpg" alt="重复地址">',  # same URL as the first relative one
+        '<img src="photos/a.jpg" alt="重复地址">',
+    ])
+    page_url = "https://www.example.cn/news/2024/index.html"
+    result, offsets, path = _extract(tmp_path, [Resp(page_url, _page(ZH_TEXT, imgs).encode(), langs=("zh",))])
+    cand = result.candidates
+    got = list(zip(_plain(cand["alt_text"]), _plain(cand["url"]), _plain(cand["drop_reason"]), strict=True))
+    assert got == [
+        ("没有地址", None, "extract.no_src"),
+        ("空地址", None, "extract.no_src"),
+        ("空白地址", None, "extract.no_src"),
+        ("内嵌图片", None, "extract.bad_url"),
+        ("脚本", None, "extract.bad_url"),
+        ("相对地址", "https://www.example.cn/news/2024/photos/a.jpg", None),
+        ("根地址", "https://www.example.cn/root.jpg", None),
+        ("协议相对", "https://cdn.example.net/b.png", None),
+        ("绝对地址", "https://other.example.org/c.gif", None),
+        ("重复地址", "https://www.example.cn/news/2024/photos/a.jpg", "extract.duplicate"),
+        ("重复地址", "https://www.example.cn/news/2024/photos/a.jpg", "extract.duplicate"),
+    ]
+    kept = cand[cand["drop_reason"].isna()]
+    assert kept["image_host"].tolist() == ["www.example.cn", "www.example.cn", "cdn.example.net", "other.example.org"]
+    assert set(cand["page_host"]) == {"www.example.cn"}
+    assert set(cand["warc_offset"]) == {offsets[page_url]}
+    assert set(cand["warc_file"]) == {str(path)}
+    assert set(cand["snapshot"]) == {SNAPSHOT}
+    assert kept["key"].tolist() == [row_key(u, a, page_url) for u, a in zip(kept["url"], kept["alt_text"], strict=True)]
+
+
+def test_base_href_changes_the_resolution(tmp_path):
+    head = '<base href="/static/img/">'
+    imgs = '<img src="x.jpg" alt="一"><img src="/y.jpg" alt="二"><img src="//cdn.example.net/z.jpg" alt="三">'
+    page = Resp("http://www.example.cn/a/b/page.html", _page(ZH_TEXT, imgs, head).encode(), langs=("zh",))
+    bad_base = Resp("http://bad.example.cn/a/page.html",
+                    _page(ZH_TEXT, '<img src="x.jpg" alt="四">', '<base href="javascript:alert(1)">').encode(),
+                    langs=("zh",))
+    result, _, _ = _extract(tmp_path, [page, bad_base])
+    assert result.candidates["url"].tolist() == [
+        "http://www.example.cn/static/img/x.jpg",
+        "http://www.example.cn/y.jpg",
+        "http://cdn.example.net/z.jpg",
+        "http://bad.example.cn/a/x.jpg",  # an unusable <base> falls back to the page URL
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_html_200_responses_are_pages_but_all_are_replayable(tmp_path, backend):
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
+    img_html = '<img src="/1.jpg" alt="图片">'
+    responses = [
+        Resp("http://www.example.cn/", _page(ZH_TEXT, img_html).encode(), langs=("zh",)),
+        Resp("http://www.example.cn/logo.png", png, "image/png"),
+        Resp("http://www.example.cn/api.json", json.dumps({"说明": ZH_TEXT}).encode(), "application/json"),
+        Resp("http://www.example.cn/missing.html", _page(ZH_TEXT, img_html).encode(), status=404),
+        Resp("http://www.example.cn/moved.html", _page(ZH_TEXT, img_html).encode(), status=301),
+    ]
+    result, offsets, path = _extract(tmp_path, responses, backend)
+    assert result.stats["pages_total"] == 1
+    assert set(result.candidates["page_url"]) == {"http://www.example.cn/"}
+    replay = result.replay
+    assert replay["url"].tolist() == [r.url for r in responses]
+    assert replay["status"].tolist() == [200, 200, 200, 404, 301]
+    assert replay["offset"].tolist() == [offsets[r.url] for r in responses]
+    assert set(replay["warc_file"]) == {str(path)}
+
+
+def test_snapshot_argument_overrides_warcinfo(tmp_path):
+    responses = [Resp("http://www.example.cn/", _page(ZH_TEXT, '<img src="a.jpg" alt="图">').encode())]
+    result, _, _ = _extract(tmp_path, responses, snapshot="my-run")
+    assert set(result.candidates["snapshot"]) == {"my-run"}
+
+
+def test_empty_warc_gives_empty_typed_frames(tmp_path):
+    path = tmp_path / "empty.warc.gz"
+    path.write_bytes(b"")
+    result = extract_warc(str(path))
+    assert len(result.candidates) == 0 and len(result.replay) == 0
+    assert result.stats["pages_total"] == 0
+    assert result.candidates["warc_offset"].dtype == "int64"
+    assert {"key", "url", "alt_text", "page_url", "drop_reason"} <= set(result.candidates.columns)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def test_decode_html_charset_order():
+    text = _page(ZH_TEXT)
+    gbk = text.encode("gbk")
+    assert decode_html(gbk, "gbk", None) == text
+    assert decode_html(gbk, "gb2312", None) == text  # GB2312 labels are read as the GB18030 superset
+    assert decode_html("镕".encode("gb18030"), "gb2312", None) == "镕"  # not in GB2312 proper
+    assert decode_html(gbk, None, "GBK") == text  # CC's charset-detected when nothing is declared
+    assert decode_html(gbk, "utf-8", None) == text  # a lying HTTP charset falls through to the others
+    assert decode_html(gbk, "no-such-codec", None) == text
+    hant = '<meta charset="big5">' + _page("這是繁體中文網頁，介紹書法與繪畫。")
+    assert decode_html(hant.encode("big5"), None, None) == hant  # <meta charset> when HTTP says nothing
+    assert decode_html(text.encode(), None, None) == text
+    garbled = decode_html(b"\xff\xfe\xfd abc", None, None)  # nothing fits: replacement characters
+    assert garbled.endswith(" abc") and "\ufffd" in garbled
+
+
+def test_resolve_src_edge_cases():
+    base = "http://www.example.cn/dir/page.html"
+    assert resolve_src(" \n photos/\ta.jpg \t", base) == "http://www.example.cn/dir/photos/a.jpg"
+    assert resolve_src("../up.jpg", base) == "http://www.example.cn/up.jpg"
+    assert resolve_src("//cdn.example.net/x.jpg", "https://www.example.cn/") == "https://cdn.example.net/x.jpg"
+    assert resolve_src("?v=2", base) == "http://www.example.cn/dir/page.html?v=2"
+    for bad in ("", "   ", "data:image/gif;base64,R0lGOD", "DATA:image/png,x", "javascript:void(0)",
+                "JavaScript:void(0)", "about:blank", "blob:https://x/1", "mailto:a@b.cn",
+                "ftp://files.example.cn/a.jpg", "http://[::1", "file:///etc/passwd"):
+        assert resolve_src(bad, base) is None, bad
+    assert resolve_src("a.jpg", "") is None  # no base to resolve against
+
+
+def test_primary_language_edge_cases():
+    def meta(value):
+        return {"languages-cld2": value}
+
+    assert primary_language(meta('{"languages":[{"code":"zh"},{"code":"en"}]}')) == "zh"
+    assert primary_language(meta('{"reliable":false,"languages":[{"code":"zh-Hant"}]}')) == "zh-Hant"
+    assert primary_language(meta('{"languages":[{"code":"en"},{"code":"zh"}]}')) == "en"
+    for broken in ('{"languages":[]}', "{}", "not json", "", "null", "[1, 2]", '{"languages":[5]}',
+                   '{"languages":{"code":"zh"}}', '{"languages":"zh"}', '{"languages":[{}]}'):
+        assert primary_language(meta(broken)) is None, broken
+    assert primary_language({}) is None

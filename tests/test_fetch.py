@@ -1,0 +1,271 @@
+"""Tests for tasks.fetch (sniffing, decoding, the stage) and tasks.io.replay (images served from a WARC)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from tasks.fetch import FetchConfig, decode_image, fetch_images, sniff_mime
+from tasks.io.http import HTTP_ERROR, TIMEOUT, TOO_LARGE, FetchResult
+from tasks.io.replay import ReplayConfig, ReplayFetcher
+from tasks.io.warc import iter_records
+
+
+def _pixels(w: int = 64, h: int = 48, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def jpeg(w: int = 64, h: int = 48, mode: str = "RGB", seed: int = 0) -> bytes:
+    return _encode(Image.fromarray(_pixels(w, h, seed)).convert(mode), "JPEG", quality=90)
+
+
+def png_rgba(w: int = 40, h: int = 30) -> bytes:
+    rgba = np.zeros((h, w, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red where opaque
+    rgba[:, : w // 2, 3] = 255  # left half opaque, right half fully transparent
+    return _encode(Image.fromarray(rgba, "RGBA"), "PNG")
+
+
+def gif_transparent(w: int = 40, h: int = 30) -> bytes:
+    im = Image.new("P", (w, h), 0)
+    im.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 black (made transparent), index 1 blue
+    im.paste(1, (0, 0, w // 2, h))  # left half blue, right half the transparent index
+    return _encode(im, "GIF", transparency=0)
+
+
+def webp(w: int = 50, h: int = 20) -> bytes:
+    return _encode(Image.fromarray(_pixels(w, h)), "WEBP", quality=90)
+
+
+# ---------------------------------------------------------------- sniffing and decoding
+
+
+def test_sniff_mime_reads_magic_bytes_not_names():
+    assert sniff_mime(jpeg()) == "image/jpeg"
+    assert sniff_mime(png_rgba()) == "image/png"
+    assert sniff_mime(gif_transparent()) == "image/gif"
+    assert sniff_mime(webp()) == "image/webp"
+    assert sniff_mime(_encode(Image.fromarray(_pixels()), "BMP")) == "image/bmp"
+    for junk in (b"", b"<!DOCTYPE html><html></html>", b"RIFF\0\0\0\0WAVEfmt ", b"\xff\xd8", b"GIF88a", b"%PDF-1.4"):
+        assert sniff_mime(junk) is None, junk
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_bytes_are_kept_as_they_are(mode):
+    data = jpeg(70, 30, mode)
+    out = decode_image(data, "image/jpeg")
+    assert out.jpeg == data
+    assert (out.width, out.height) == (70, 30)
+
+
+def test_cmyk_jpeg_is_re_encoded_as_rgb():
+    data = jpeg(32, 32, "CMYK")
+    out = decode_image(data, "image/jpeg")
+    assert out.jpeg != data
+    with Image.open(io.BytesIO(out.jpeg)) as im:
+        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (32, 32))
+
+
+@pytest.mark.parametrize("make, mime, size", [
+    (png_rgba, "image/png", (40, 30)),
+    (gif_transparent, "image/gif", (40, 30)),
+    (webp, "image/webp", (50, 20)),
+])
+def test_other_formats_become_jpeg(make, mime, size):
+    out = decode_image(make(), mime)
+    with Image.open(io.BytesIO(out.jpeg)) as im:
+        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", size)
+    assert (out.width, out.height) == size
+
+
+@pytest.mark.parametrize("make, opaque", [(png_rgba, (200, 0, 0)), (gif_transparent, (0, 0, 255))])
+def test_transparent_pixels_become_white(make, opaque):
+    out = decode_image(make(), sniff_mime(make()))
+    with Image.open(io.BytesIO(out.jpeg)) as im:
+        px = np.asarray(im.convert("RGB"), dtype=int)
+    w = px.shape[1]
+    assert np.abs(px[:, -5:] - 255).max() < 12  # transparent right half: white, not black
+    assert np.abs(px[:, : w // 2 - 4] - np.array(opaque)).max() < 40  # opaque left half keeps its colour
+
+
+def test_truncated_jpeg_fails_to_decode():
+    data = jpeg(200, 200)
+    with pytest.raises(OSError):
+        decode_image(data[: len(data) // 2], "image/jpeg")
+
+
+def test_pixel_limit_is_a_decode_error():
+    with pytest.raises(ValueError, match="exceeds 100 pixels"):
+        decode_image(jpeg(20, 20), "image/jpeg", FetchConfig(max_pixels=100))
+
+
+# ---------------------------------------------------------------- the stage with a fake fetcher
+
+
+class FakeFetcher:
+    """Answers from a dict; records every call so the test can count requests."""
+
+    def __init__(self, answers: dict[str, FetchResult]):
+        self.answers = answers
+        self.calls: list[list[str]] = []
+
+    def fetch_many(self, urls: list[str]) -> list[FetchResult]:
+        self.calls.append(list(urls))
+        return [self.answers[u] for u in urls]
+
+
+def _ok(url: str, body: bytes | None) -> FetchResult:
+    return FetchResult(url, True, None, 200, body, {"content-type": "image/jpeg"}, None)
+
+
+def _failed(url: str, reason: str, status: int | None = None) -> FetchResult:
+    return FetchResult(url, False, reason, status, None, {}, "detail")
+
+
+def _plain(col: pd.Series) -> list:
+    return [None if pd.isna(v) else v for v in col]
+
+
+def test_fetch_images_maps_every_outcome_and_requests_each_url_once():
+    u = "http://img.example.cn/"
+    jpg, png = jpeg(120, 80), png_rgba()
+    cut = jpeg(200, 200)
+    answers = {
+        u + "a.jpg": _ok(u + "a.jpg", jpg),
+        u + "b.png": _ok(u + "b.png", png),
+        u + "404": _failed(u + "404", HTTP_ERROR, 404),
+        u + "slow": _failed(u + "slow", TIMEOUT),
+        u + "huge": _failed(u + "huge", TOO_LARGE, 200),
+        u + "page.html": _ok(u + "page.html", b"<html><body>not an image</body></html>"),
+        u + "empty": _ok(u + "empty", None),
+        u + "noise": _ok(u + "noise", np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()),
+        u + "cut.jpg": _ok(u + "cut.jpg", cut[: len(cut) // 2]),
+        u + "fake.jpg": _ok(u + "fake.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 64),
+    }
+    urls = [u + "a.jpg", u + "b.png", u + "404", u + "a.jpg", u + "slow", u + "huge", u + "page.html",
+            u + "empty", u + "noise", u + "cut.jpg", u + "fake.jpg", u + "404", u + "a.jpg"]
+    frame = pd.DataFrame({"key": [f"k{i}" for i in range(len(urls))], "url": urls},
+                         index=range(100, 100 + len(urls)))
+    fetcher = FakeFetcher(answers)
+    out = fetch_images(frame, fetcher)
+    assert fetcher.calls == [list(dict.fromkeys(urls))]  # one call, each distinct URL once, in order
+    assert _plain(out["drop_reason"]) == [
+        None, None, "fetch.http_error", None, "fetch.timeout", "fetch.too_large", "fetch.not_image",
+        "fetch.not_image", "fetch.not_image", "fetch.decode_error", "fetch.decode_error", "fetch.http_error", None]
+    assert out.index.tolist() == frame.index.tolist()
+    kept = out[out["drop_reason"].isna()]
+    assert kept["image"].iloc[0] == jpg  # a JPEG is stored as fetched
+    assert kept["image"].iloc[1][:3] == b"\xff\xd8\xff" != png[:3]  # a PNG is stored as JPEG
+    assert kept["image"].iloc[2] == kept["image"].iloc[3] == jpg
+    sha = [hashlib.sha256(b).hexdigest() for b in (jpg, png, jpg, jpg)]
+    assert kept["sha256"].tolist() == sha  # of the bytes as fetched, not as stored
+    assert kept["mime"].tolist() == ["image/jpeg", "image/png", "image/jpeg", "image/jpeg"]
+    sizes = list(zip(kept["original_width"], kept["original_height"], strict=True))
+    assert sizes == [(120, 80), (40, 30), (120, 80), (120, 80)]
+    assert (kept["width"] == kept["original_width"]).all() and (kept["height"] == kept["original_height"]).all()
+    dropped = out[out["drop_reason"].notna()]
+    assert dropped["image"].isna().all() and dropped["sha256"].isna().all()
+    assert (dropped[["width", "height"]] == 0).all().all()
+    assert out["width"].dtype == "int64" and str(out["sha256"].dtype) == "str"
+
+
+def test_fetch_images_pixel_limit_is_a_decode_error():
+    url = "http://img.example.cn/big.jpg"
+    out = fetch_images(pd.DataFrame({"url": [url]}), FakeFetcher({url: _ok(url, jpeg(20, 20))}),
+                       FetchConfig(max_pixels=100))
+    assert _plain(out["drop_reason"]) == ["fetch.decode_error"]
+
+
+def test_fetch_images_on_an_empty_shard():
+    fetcher = FakeFetcher({})
+    out = fetch_images(pd.DataFrame({"key": pd.Series([], dtype="str"), "url": pd.Series([], dtype="str")}), fetcher)
+    assert len(out) == 0
+    assert {"drop_reason", "image", "width", "height", "sha256", "mime"} <= set(out.columns)
+    assert fetcher.calls in ([], [[]])
+
+
+# ---------------------------------------------------------------- WARC replay
+
+
+def _write_image_warc(path, records: list[tuple[str, int, str, bytes]]) -> None:
+    with open(path, "wb") as fh:
+        writer = WARCWriter(fh, gzip=True)
+        for url, status, ctype, body in records:
+            http = StatusAndHeaders(f"{status} X", [("Content-Type", ctype)], protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body),
+                                                          http_headers=http))
+
+
+def _replay_index(paths) -> pd.DataFrame:
+    rows = [(rec.uri, str(p), rec.offset, rec.status) for p in paths
+            for rec in iter_records(str(p)) if rec.type == "response"]
+    return pd.DataFrame(rows, columns=["url", "warc_file", "offset", "status"])
+
+
+@pytest.fixture
+def image_warc(tmp_path):
+    jpg, gif = jpeg(150, 120, seed=1), gif_transparent()
+    path = tmp_path / "images.warc.gz"
+    _write_image_warc(path, [
+        ("http://img.example.cn/a.jpg", 200, "image/jpeg", jpg),
+        ("http://img.example.cn/b.gif", 200, "image/gif", gif),
+        ("http://img.example.cn/gone.jpg", 404, "text/html", b"<html>Not Found</html>"),
+        ("http://img.example.cn/moved.jpg", 301, "text/html", b""),
+    ])
+    return path, jpg, gif
+
+
+def test_replay_fetcher_serves_bodies_and_failures(image_warc):
+    path, jpg, gif = image_warc
+    fetcher = ReplayFetcher(_replay_index([path]))
+    urls = ["http://img.example.cn/a.jpg", "http://img.example.cn/b.gif", "http://img.example.cn/gone.jpg",
+            "http://img.example.cn/moved.jpg", "http://img.example.cn/never-crawled.jpg"]
+    res = fetcher.fetch_many(urls)
+    assert [r.url for r in res] == urls
+    assert [(r.ok, r.reason, r.status) for r in res] == [
+        (True, None, 200), (True, None, 200), (False, HTTP_ERROR, 404), (False, HTTP_ERROR, 301),
+        (False, HTTP_ERROR, None)]
+    assert (res[0].body, res[1].body) == (jpg, gif)
+    assert res[0].headers.get("content-type") == "image/jpeg"
+    assert all(r.body is None for r in res[2:])
+
+
+def test_replay_fetcher_size_cap(image_warc):
+    path, jpg, _ = image_warc
+    fetcher = ReplayFetcher(_replay_index([path]), ReplayConfig(max_bytes=len(jpg) - 1))
+    (res,) = fetcher.fetch_many(["http://img.example.cn/a.jpg"])
+    assert (res.ok, res.reason) == (False, TOO_LARGE)
+
+
+def test_replay_first_capture_wins(tmp_path):
+    first, second = tmp_path / "1.warc.gz", tmp_path / "2.warc.gz"
+    url = "http://img.example.cn/same.jpg"
+    _write_image_warc(first, [(url, 200, "image/jpeg", jpeg(seed=1))])
+    _write_image_warc(second, [(url, 200, "image/jpeg", jpeg(seed=2))])
+    (res,) = ReplayFetcher(_replay_index([first, second])).fetch_many([url])
+    assert res.body == jpeg(seed=1)
+
+
+def test_fetch_stage_over_replay(image_warc):
+    path, jpg, gif = image_warc
+    urls = ["http://img.example.cn/a.jpg", "http://img.example.cn/gone.jpg", "http://img.example.cn/b.gif",
+            "http://img.example.cn/never-crawled.jpg"]
+    out = fetch_images(pd.DataFrame({"url": urls}), ReplayFetcher(_replay_index([path])))
+    assert _plain(out["drop_reason"]) == [None, "fetch.http_error", None, "fetch.http_error"]
+    assert out["image"].iloc[0] == jpg
+    assert out["sha256"].iloc[2] == hashlib.sha256(gif).hexdigest()
+    assert list(zip(out["width"], out["height"], strict=True)) == [(150, 120), (0, 0), (40, 30), (0, 0)]

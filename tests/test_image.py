@@ -1,0 +1,53 @@
+"""Tests for tasks.image: the geometry rule (1:3 <= W/H <= 3:1 and min side > 100 px)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from tasks.image import ImageConfig, filter_images
+
+GEOMETRY = "image.geometry"
+
+
+def _frame(sizes: list[tuple[int, int]]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "key": [f"k{i}" for i in range(len(sizes))],
+        "original_width": pd.Series([w for w, _ in sizes], dtype="int64"),
+        "original_height": pd.Series([h for _, h in sizes], dtype="int64"),
+    })
+
+
+@pytest.mark.parametrize("size, reason", [
+    ((300, 100), GEOMETRY),  # ratio 3 is fine, but a side of 100 is not > 100
+    ((450, 150), None),  # ratio exactly 3:1
+    ((150, 450), None),  # ratio exactly 1:3
+    ((303, 101), None),  # 3:1 with the smallest allowed side
+    ((304, 101), GEOMETRY),  # just over 3:1
+    ((101, 304), GEOMETRY),  # just over 1:3
+    ((640, 100), GEOMETRY),
+    ((101, 101), None),
+    ((100, 100), GEOMETRY),
+    ((100, 101), GEOMETRY),
+    ((4000, 3000), None),
+    ((0, 0), GEOMETRY),  # no size at all never passes
+])
+def test_geometry_boundaries(size, reason):
+    out = filter_images(_frame([size]))
+    got = out["drop_reason"].iloc[0]
+    assert (None if pd.isna(got) else got) == reason
+
+
+def test_thresholds_are_config():
+    sizes = [(400, 100), (90, 90)]
+    assert filter_images(_frame(sizes))["drop_reason"].tolist() == [GEOMETRY, GEOMETRY]
+    out = filter_images(_frame(sizes), ImageConfig(max_aspect=4.0, min_side=50))
+    assert out["drop_reason"].isna().all()
+
+
+def test_rows_are_annotated_not_removed():
+    frame = _frame([(500, 400), (50, 50), (640, 480)])
+    out = filter_images(frame)
+    assert out["key"].tolist() == frame["key"].tolist()
+    assert out["drop_reason"].isna().tolist() == [True, False, True]
+    assert "drop_reason" not in frame.columns  # the input frame is not modified
