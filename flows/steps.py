@@ -112,12 +112,12 @@ def run_shard_step(
     inputs: list,
     compute: Callable[[], tuple[pd.DataFrame, dict, dict[str, Callable[[Path], None]]]],
     config: dict | None = None,
-    side: dict[str, list[str]] | None = None,
+    blobs: dict[str, str] | None = None,
 ) -> dict:
     """Skip when the marker matches; else compute, validate, write kept rows and rejects, then mark.
 
     `compute` returns (frame with drop_reason, extra stats, extra outputs path-name -> writer).
-    `side` moves columns of the kept rows into their own file (suffix -> columns, `key` kept in both),
+    `blobs` moves a bytes column of the kept rows into its own key -> bytes file (suffix -> column),
     so bulky image bytes are written once and not copied through every later stage.
     """
     digest = shards.stable_hash({"step": step, "version": CODE_VERSION, "config": config or {}, "inputs": inputs})
@@ -135,11 +135,11 @@ def run_shard_step(
     out = step_path(ctx, step, shard)
     rejects = ctx.root / "rejects" / f"{step}-{shard}.parquet"
     outputs = [_rel(ctx, out), _rel(ctx, rejects)]
-    for suffix, cols in (side or {}).items():
+    for suffix, col in (blobs or {}).items():
         path = step_path(ctx, step, shard, suffix)
-        shards.write_parquet(kept[["key", *cols]], path, compression="none")  # JPEG bytes do not compress
-        kept = kept.drop(columns=cols)
-        outputs.append(_rel(ctx, path))
+        index = shards.write_blobs(kept["key"].tolist(), kept[col].tolist(), path)
+        kept = kept.drop(columns=[col])
+        outputs += [_rel(ctx, path), _rel(ctx, index)]
     shards.write_parquet(kept, out)
     shards.write_parquet(write_stage.rejects(dropped_rows), rejects)
     for name, writer in extra_outputs.items():
@@ -232,17 +232,17 @@ def fetch(ctx: RunContext, shard: str, upstream: dict, replay_index: dict | None
     inputs = [upstream["hash"], ctx.fetcher, replay_index["hash"] if replay_index else None]
     return run_shard_step(ctx, "fetch", shard, inputs, compute,
                           {"fetch": config_dict(cfg), "transport": config_dict(transport)},
-                          side={IMAGES: ["image"]})
+                          blobs={IMAGES: "image"})
 
 
-IMAGES = ".images.parquet"  # the fetch step's side file: key -> JPEG bytes of the kept rows
+IMAGES = ".images.bin"  # the fetch step's blob file: key -> JPEG bytes of the kept rows
 
 
 def with_images(ctx: RunContext, frame: pd.DataFrame, shard: str) -> pd.DataFrame:
     """Attach the image bytes the fetch step stored, by key, in the frame's order."""
-    images = shards.read_parquet(step_path(ctx, "fetch", shard, IMAGES)).set_index("key")["image"]
+    images = shards.read_blobs(step_path(ctx, "fetch", shard, IMAGES))
     out = frame.copy()
-    out["image"] = images.reindex(out["key"]).to_numpy()
+    out["image"] = pd.Series([images[k] for k in out["key"]], index=out.index, dtype="object")
     return out
 
 
