@@ -289,10 +289,21 @@ def embed(ctx: RunContext, shard: str, upstream: dict) -> dict:
         scored, vectors = embed_stage.embed_pairs(frame, embed_model, align_model, cfg)
         scored = scored.drop(columns=["image"])
         vectors, _ = C.validate(C.EmbeddingSchema, vectors, "image", 0.0)
-        return scored, {"dim": int(embed_model.dim)}, {".vectors.parquet": _parquet_writer(vectors)}
+        extra = {"dim": int(embed_model.dim), "worker": _worker_name()}
+        return scored, extra, {".vectors.parquet": _parquet_writer(vectors)}
 
     inputs = [upstream["hash"], ctx.models["embed"], ctx.models["align"]]
     return run_shard_step(ctx, "embed", shard, inputs, compute, config_dict(cfg))
+
+
+def _worker_name() -> str | None:
+    """The Dask worker running this task (where model tasks were placed), or None outside Dask."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except ValueError:
+        return None
 
 
 def _resolved(ctx: RunContext, role: str):

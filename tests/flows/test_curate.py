@@ -206,3 +206,24 @@ def test_row_level_contract_failure_is_quarantined(prefect_server, sample_crawl,
     rejects = pd.concat([pd.read_parquet(p) for p in (Path(result["run_dir"]) / "rejects").glob("refine-*.parquet")])
     assert (rejects["drop_reason"] == "refine.schema_violation").sum() == 3
     check_report(Path(result["run_dir"]) / "report.json")
+
+
+def test_transformers_models_through_the_flow(prefect_server, sample_crawl, tmp_path):
+    """The real model path end to end, on a tiny random-weight SigLIP2 checkpoint built here (judges nothing)."""
+    import lancedb
+    from prefect.client.orchestration import get_client
+    from tiny_models import build_tiny_siglip2
+
+    model_dir = build_tiny_siglip2(tmp_path / "tiny-siglip2")
+    result = run_sample(tmp_path / "out", sample_crawl, models={"embed": str(model_dir), "align": str(model_dir)})
+    report = result["report"]
+    assert report["models"]["embed"] == {"name": str(model_dir), "placeholder": False, "source": "local"}
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert "placeholder_model" not in stages["image"] and "placeholder_model" not in stages["align"]
+    table = lancedb.connect(str(tmp_path / "out" / "lancedb")).open_table(report["lancedb"]["table"])
+    assert table.count_rows() == stages["image"]["kept"]
+    dims = {json.loads(p.read_text())["extra"]["dim"] for p in (Path(result["run_dir"]) / "steps" / "embed").glob(
+        "*.done.json")}
+    assert report["lancedb"]["table"].endswith(f"_{dims.pop()}")
+    with get_client(sync_client=True) as client:  # the run made the `gpu` tag limit
+        assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit >= 1

@@ -141,9 +141,10 @@ def external_cluster(prefect_server, tmp_path):
     procs = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     for i in range(2):
+        gpu = ["--resources", "GPU=1"] if i == 1 else []  # one "GPU" worker: model tasks must run only there
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--name", f"w{i}",
-             "--dashboard-address", ":0", "--local-directory", str(tmp_path / f"w{i}")],
+             "--dashboard-address", ":0", "--local-directory", str(tmp_path / f"w{i}"), *gpu],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(ROOT)))
     try:
         from distributed import Client
@@ -172,6 +173,10 @@ def external_cluster(prefect_server, tmp_path):
 def test_run_on_an_external_dask_cluster(external_cluster, sample_crawl, tmp_path):
     params = CurateParams(warcs=[str(p) for p in sample_crawl.warcs], out=str(tmp_path), fetcher="replay")
     result = curate(params, dask_address=external_cluster)
+    embeds = [json.loads(p.read_text()) for p in (Path(result["run_dir"]) / "steps" / "embed").glob("*.done.json")]
+    assert len(embeds) == 3 and {m["extra"]["worker"] for m in embeds} == {"w1"}
+    others = [json.loads(p.read_text()) for p in (Path(result["run_dir"]) / "steps" / "image").glob("*.done.json")]
+    assert len(others) == 3
     reference = run_sample(tmp_path / "local", sample_crawl)
     assert [s["kept"] for s in result["report"]["stages"]] == [s["kept"] for s in reference["report"]["stages"]]
     check_report(Path(result["run_dir"]) / "report.json", "--kept-all")
