@@ -30,7 +30,10 @@ def check_inputs(params: CurateParams) -> None:
     """The cheap checks that can fail before anything starts: inputs, settings, role names."""
     if not params.warcs:
         raise ValueError("no WARC input given")
-    missing = [w for w in params.warcs if "://" not in w and not Path(w).is_file()]
+    remote = [w for w in params.warcs if "://" in w]
+    if remote:
+        raise ValueError(f"only local WARC files are read so far, not URLs: {', '.join(remote[:3])}")
+    missing = [w for w in params.warcs if not Path(w).is_file()]
     if missing:
         raise FileNotFoundError(f"WARC input not found: {', '.join(missing)}")
     check_config(params.config)
@@ -47,6 +50,9 @@ def resolve_models(params: CurateParams) -> dict:
     for role in ("embed", "align"):
         r = resolve_model(role, params.models.get(role))  # logs its own fallback warning
         resolved[role] = (r.name, r.placeholder, r.source)
+    for role, name in params.models.items():  # roles whose rules come later: a bad name still fails now
+        if role not in resolved and name:
+            resolve_model(role, name)
     return resolved
 
 

@@ -238,12 +238,9 @@ def fetch(ctx: RunContext, shard: str, upstream: dict, replay_index: dict | None
 IMAGES = ".images.bin"  # the fetch step's blob file: key -> JPEG bytes of the kept rows
 
 
-def with_images(ctx: RunContext, frame: pd.DataFrame, shard: str) -> pd.DataFrame:
-    """Attach the image bytes the fetch step stored, by key, in the frame's order."""
-    images = shards.read_blobs(step_path(ctx, "fetch", shard, IMAGES))
-    out = frame.copy()
-    out["image"] = pd.Series([images[k] for k in out["key"]], index=out.index, dtype="object")
-    return out
+def images_of(ctx: RunContext, shard: str) -> shards.BlobReader:
+    """The image bytes the fetch step stored for a shard, looked up by key."""
+    return shards.BlobReader(step_path(ctx, "fetch", shard, IMAGES))
 
 
 @task(name="replay-index", cache_policy=NO_CACHE)
@@ -285,9 +282,9 @@ def embed(ctx: RunContext, shard: str, upstream: dict) -> dict:
         embed_model = load_model(_resolved(ctx, "embed"))
         align_model = embed_model if ctx.models["align"] == ctx.models["embed"] else load_model(
             _resolved(ctx, "align"))
-        frame = with_images(ctx, _read(ctx, "image", shard), shard)
-        scored, vectors = embed_stage.embed_pairs(frame, embed_model, align_model, cfg)
-        scored = scored.drop(columns=["image"])
+        with images_of(ctx, shard) as images:
+            scored, vectors = embed_stage.embed_pairs(_read(ctx, "image", shard), embed_model, align_model, cfg,
+                                                      image_of=images.__getitem__)
         vectors, _ = C.validate(C.EmbeddingSchema, vectors, "image", 0.0)
         extra = {"dim": int(embed_model.dim), "worker": _worker_name()}
         return scored, extra, {".vectors.parquet": _parquet_writer(vectors)}
@@ -375,10 +372,11 @@ def write(ctx: RunContext, shard: str, upstream: dict) -> dict:
     marker = shards.read_json(mpath)
     if _fresh(ctx, marker, digest):
         return marker
-    frame = with_images(ctx, _read(ctx, "crossbatch", shard), shard)
+    frame = _read(ctx, "crossbatch", shard)
     tar = ctx.root / "dataset" / f"{shard}.tar"
     meta = ctx.root / "dataset" / f"{shard}.parquet"
-    shards.write_with(tar, lambda p: write_stage.write_webdataset(frame, p))
+    with images_of(ctx, shard) as images:
+        shards.write_with(tar, lambda p: write_stage.write_webdataset(frame, p, image_of=images.__getitem__))
     shards.write_parquet(write_stage.metadata(frame), meta)
     marker = {"hash": digest, "step": "write", "shard": shard, "samples": int(len(frame)),
               "outputs": [_rel(ctx, tar), _rel(ctx, meta)]}

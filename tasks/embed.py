@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,19 +24,23 @@ def _images(blobs) -> list[Image.Image]:
     return out
 
 
-def embed_pairs(frame: pd.DataFrame, embed_model, align_model, config: EmbedConfig = EmbedConfig()):
+def embed_pairs(frame: pd.DataFrame, embed_model, align_model, config: EmbedConfig = EmbedConfig(),
+                image_of: Callable[[str], bytes] | None = None):
     """(scored frame with `align_cosine`, vectors frame key/vector/sha256) for one shard.
 
-    When both roles use the same model the image vectors are computed once.
+    Image bytes come from the frame's `image` column, or from `image_of(key)` one batch at a time (so a
+    shard's images need not all be in memory). When both roles use the same model the image vectors are
+    computed once.
     """
     n = len(frame)
     vectors: list[np.ndarray] = []
     cosines = np.zeros(n, dtype=np.float64)
     captions = frame["caption"].tolist()
-    blobs = frame["image"].tolist()
+    keys = frame["key"].tolist()
+    blobs = frame["image"].tolist() if image_of is None else None
     for start in range(0, n, config.batch_size):
         stop = min(start + config.batch_size, n)
-        images = _images(blobs[start:stop])
+        images = _images(blobs[start:stop] if blobs is not None else [image_of(k) for k in keys[start:stop]])
         img = embed_model.embed_images(images)
         vectors.extend(np.asarray(img, dtype=np.float32))
         a_img = img if align_model is embed_model else align_model.embed_images(images)

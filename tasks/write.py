@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -49,14 +50,18 @@ def _json_value(v):
     return None if v is pd.NA else v
 
 
-def write_webdataset(frame: pd.DataFrame, tar_path: Path) -> int:
-    """One tar shard: per sample the JPEG, the caption and the metadata as JSON; returns samples written."""
+def write_webdataset(frame: pd.DataFrame, tar_path: Path, image_of: Callable[[str], bytes] | None = None) -> int:
+    """One tar shard: per sample the JPEG, the caption and the metadata as JSON; returns samples written.
+
+    Image bytes come from the frame's `image` column, or from `image_of(key)` one sample at a time.
+    """
     meta = metadata(frame)
+    images = frame["image"].tolist() if image_of is None else None
     with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for (_, row), image in zip(meta.iterrows(), frame["image"], strict=True):
+        for i, row in enumerate(meta.to_dict("records")):
             key = row["key"]
             record = {k: _json_value(v) for k, v in row.items()}
-            _member(tar, f"{key}.jpg", bytes(image))
+            _member(tar, f"{key}.jpg", bytes(images[i] if images is not None else image_of(key)))
             _member(tar, f"{key}.txt", row["caption"].encode("utf-8"))
             _member(tar, f"{key}.json", json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8"))
     return len(meta)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -50,15 +51,29 @@ def write_blobs(keys: list[str], blobs: list[bytes], path: Path) -> Path:
     return index
 
 
-def read_blobs(path: Path) -> dict[str, bytes]:
-    """The key -> bytes mapping written by write_blobs."""
-    import mmap
+class BlobReader:
+    """Lazy key -> bytes over a write_blobs file: each lookup copies one blob out of a memory map."""
 
-    index = pd.read_parquet(path.with_name(path.name + ".idx.parquet"))
-    if path.stat().st_size == 0:
-        return {k: b"" for k in index["key"]}
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        return {k: mm[o:o + n] for k, o, n in zip(index["key"], index["offset"], index["length"], strict=True)}
+    def __init__(self, path: Path):
+        index = pd.read_parquet(path.with_name(path.name + ".idx.parquet"))
+        self._where = dict(zip(index["key"], zip(index["offset"], index["length"], strict=True), strict=True))
+        self._fh = open(path, "rb")
+        self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else None
+
+    def __getitem__(self, key: str) -> bytes:
+        offset, length = self._where[key]
+        return self._mm[offset:offset + length] if length else b""
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+        self._fh.close()
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def write_json(obj, path: Path) -> None:
