@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows import steps
-from flows.report import publish_report
+from flows.report import prepare_report
 from flows.runtime import ensure_gpu_limit, task_runner
 from flows.settings import CurateParams, LocalClusterSpec, check_config
 from tasks.io import shards
@@ -101,18 +101,21 @@ def curate_snapshot(params: CurateParams, progress: bool = False) -> dict:
     futures["write"] = [steps.write.submit(ctx, s, u) for s, u in zip(ids, futures["crossbatch"], strict=True)]
 
     results: dict[str, list[dict]] = {}
+    commit_report = None
     with _progress(progress) as bar:
         for step in STEP_ORDER:
+            if step == "write":  # render the report while the dataset shards are written
+                reduces = {"align_band": band.result(), "lancedb": lance.result()}
+                if rindex is not None:
+                    reduces["replay_index"] = rindex.result()
+                commit_report = prepare_report(ctx, results, reduces)
             bar_id = bar.add_task(step, total=len(ids)) if bar else None
             results[step] = []
             for fut in futures[step]:
                 results[step].append(fut.result())  # raises the task's own error (e.g. a ContractError)
                 if bar:
                     bar.advance(bar_id)
-    reduces = {"align_band": band.result(), "lancedb": lance.result()}
-    if rindex is not None:
-        reduces["replay_index"] = rindex.result()
-    report = publish_report(ctx, results, reduces)
+    report = commit_report()
     log.info("dataset: %s  report: %s", run_dir / "dataset", run_dir / "report.json")
     return {"run_id": run_id, "run_dir": str(run_dir), "report": report}
 

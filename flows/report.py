@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from schemas.reasons import STAGES, stage_reasons
-from tasks.io import shards
 
 # Which shard steps count toward each reported stage, in order.
 STAGE_STEPS = {
@@ -84,7 +85,7 @@ def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], 
         "models": {role: {"name": v[0], "placeholder": v[1], "source": v[2]} for role, v in ctx.models.items()},
         "lancedb": reduces.get("lancedb", {}).get("extra", {}),
         "shards": len(ex),
-        "samples": sum(m.get("samples", 0) for m in results.get("write", [])),
+        "samples": sum(m["kept"] for m in results.get("crossbatch", [])),  # every row crossbatch keeps is written
         "paper": {"stage_after": PAPER_STAGE_AFTER, "source": "DanQing (arXiv 2601.10305) Table 6"},
     }
 
@@ -173,22 +174,39 @@ def plot_word_counts(hist: list[int], path: Path, lo: int, hi: int) -> None:
     plt.close(fig)
 
 
-def publish_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict]) -> dict:
-    """Write report.json, report.md, report.*.png under the run, and the Prefect artifacts."""
+def prepare_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict]) -> Callable[[], dict]:
+    """Render report.json, report.md and report.*.png to temporary names, and return the function that
+    puts them in place and publishes the Prefect artifacts.
+
+    The flow renders while the last dataset shards are still being written, and puts the report in
+    place only once they are: a report never describes a dataset that is not there.
+    """
     from flows.steps import BUILT_RULES
 
     report = build_report(ctx, results, reduces, BUILT_RULES)
     root = Path(ctx.run_dir)
-    shards.write_json(report, root / "report.json")
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(name: str, writer) -> None:
+        tmp = root / f".{name}.tmp-staged"
+        writer(tmp)
+        staged.append((tmp, root / name))
+
     md = render_markdown(report)
-    shards.write_with(root / "report.md", lambda p: p.write_text(md))
-    shards.write_with(root / "report.funnel.png", lambda p: plot_funnel(report, Path(str(p))))
+    stage("report.json", lambda p: p.write_text(json.dumps(report, indent=1, ensure_ascii=False)))
+    stage("report.md", lambda p: p.write_text(md))
+    stage("report.funnel.png", lambda p: plot_funnel(report, p))
     hist = _sum_hists([m["extra"].get("word_count_hist", []) for m in results.get("source", [])])
     src = ctx.cfg("source")
-    shards.write_with(root / "report.caption_words.png",
-                      lambda p: plot_word_counts(hist, Path(str(p)), src.min_words, src.max_words))
-    _artifacts(report, md)
-    return report
+    stage("report.caption_words.png", lambda p: plot_word_counts(hist, p, src.min_words, src.max_words))
+
+    def commit() -> dict:
+        for tmp, final in staged:
+            os.replace(tmp, final)
+        _artifacts(report, md)
+        return report
+
+    return commit
 
 
 def _sum_hists(hists: list[list[int]]) -> list[int]:

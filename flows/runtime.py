@@ -119,8 +119,12 @@ def task_runner(address: str | None, spec: LocalClusterSpec | None = None, work_
     import dask
 
     spec = spec or LocalClusterSpec()
-    # read by each Nanny when it spawns its worker process (None unsets the variable)
-    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": spec.malloc_trim_threshold})
+    dask.config.set({
+        # read by each Nanny when it spawns its worker process (None unsets the variable)
+        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": spec.malloc_trim_threshold,
+        # the statistical profiler samples every thread's stack every 10 ms: ~5% of a CPU-bound task
+        "distributed.worker.profile.enabled": spec.profile,
+    })
     kwargs = {
         "n_workers": spec.n_workers, "threads_per_worker": spec.threads_per_worker,
         "processes": spec.processes, "memory_limit": spec.memory_limit, "dashboard_address": ":0",

@@ -46,6 +46,7 @@ class LocalClusterSpec(BaseModel):
     # Dask sets MALLOC_TRIM_THRESHOLD_=65536 in workers against fragmentation; any fixed value turns off
     # glibc's adaptive mmap threshold and costs ~25% on image decoding (bench/overhead.py). None: unset.
     malloc_trim_threshold: int | None = None
+    profile: bool = False  # Dask's statistical profiler (dashboard "Profile" tab); costs ~5% on CPU-bound tasks
 
 
 class CurateParams(BaseModel):
