@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def cmd_run(args) -> int:
     out = Path(args.out)
     warcs = args.warc
     fetcher = args.fetcher
+    config = load_thresholds(args.thresholds) if args.thresholds else {}  # a bad file fails before any work
     if not warcs:
         crawl = _sample(out / "sample-crawl")
         warcs = [str(p) for p in crawl.warcs]
@@ -59,7 +61,7 @@ def cmd_run(args) -> int:
     params = CurateParams(
         warcs=warcs, out=str(out), run_id=args.run_id, snapshot=args.snapshot, fetcher=fetcher or "http",
         models={r: getattr(args, f"{r}_model") for r in ROLES if getattr(args, f"{r}_model")},
-        config=load_thresholds(args.thresholds) if args.thresholds else {},
+        config=config,
         lancedb=args.lancedb, gpu_slots=args.gpu_slots,
     )
     spec = LocalClusterSpec(**({"n_workers": args.workers} if args.workers else {}), threads_per_worker=args.threads)
@@ -75,6 +77,11 @@ def cmd_run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Dask's per-worker INFO lines drown the progress bars; set before distributed is first imported,
+    # and inherited by the worker processes. A user's own setting wins.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    # offline-first: no usage reporting from the server this command starts (a user's setting wins)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     try:

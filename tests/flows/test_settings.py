@@ -1,0 +1,63 @@
+"""Settings: thresholds files, config sections, run ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flows.curate import check_inputs, derive_run_id
+from flows.settings import CurateParams, build_config, load_thresholds
+
+
+def test_yaml_and_json_thresholds_build_frozen_configs(tmp_path):
+    y = tmp_path / "t.yaml"
+    y.write_text("source: {min_words: 3, max_words: 40}\nhttp: {resolve: [[img.example.test, 127.0.0.1]]}\n")
+    data = load_thresholds(str(y))
+    assert build_config("source", data["source"]).min_words == 3
+    assert build_config("http", data["http"]).resolve == (("img.example.test", "127.0.0.1"),)
+    j = tmp_path / "t.json"
+    j.write_text(json.dumps({"image": {"min_side": 150}}))
+    assert build_config("image", load_thresholds(str(j))["image"]).min_side == 150
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"imagez": {"min_side": 1}}, "unknown section"),
+    ({"image": {"min_sides": 1}}, "unknown setting"),
+    (["not", "a", "mapping"], "expected a mapping"),
+])
+def test_bad_thresholds_are_clear_errors(tmp_path, content, message):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        load_thresholds(str(p))
+
+
+def test_cli_bad_thresholds_exit_before_any_work(tmp_path, capsys):
+    from flows.cli import main
+
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps({"image": {"min_sides": 1}}))
+    assert main(["run", "--thresholds", str(p), "--out", str(tmp_path / "out")]) == 2
+    assert "min_sides" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_id_is_stable_for_the_same_inputs_and_differs_for_others(tmp_path):
+    a, b = tmp_path / "a.warc.gz", tmp_path / "b.warc.gz"
+    a.write_bytes(b"")
+    b.write_bytes(b"")
+    assert derive_run_id([str(a), str(b)], None) == derive_run_id([str(b), str(a)], None)
+    assert derive_run_id([str(a)], None) != derive_run_id([str(b)], None)
+    assert derive_run_id([str(a)], "CC-MAIN-2024-33").startswith("CC-MAIN-2024-33-")
+
+
+def test_check_inputs_rejects_urls_and_unknown_roles(tmp_path):
+    w = tmp_path / "a.warc.gz"
+    w.write_bytes(b"")
+    with pytest.raises(ValueError, match="not URLs"):
+        check_inputs(CurateParams(warcs=["https://data.commoncrawl.org/x.warc.gz"]))
+    with pytest.raises(ValueError, match="unknown model role"):
+        check_inputs(CurateParams(warcs=[str(w)], models={"embedz": "x"}))
+    with pytest.raises(FileNotFoundError):
+        check_inputs(CurateParams(warcs=[str(tmp_path / "missing.warc.gz")]))
