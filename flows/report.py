@@ -69,7 +69,7 @@ def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], 
         stages.append(entry)
     by = {s["stage"]: s for s in stages}
     ex = results.get("extract", [])
-    for k in ("pages_total", "pages_selected", "records_truncated"):
+    for k in ("pages_total", "pages_selected", "records_truncated", "read_errors"):
         by["extract"][k] = sum(m["extra"].get(k, 0) for m in ex)
     embed_placeholder = ctx.models["embed"][1]
     align_placeholder = ctx.models["align"][1]

@@ -153,27 +153,27 @@ def is_chinese_page(page: _Page, text: str | None, config: ExtractConfig) -> boo
 
 def extract_warc(path: str, config: ExtractConfig = ExtractConfig(), snapshot: str | None = None) -> ExtractResult:
     """All <img> candidates of the Chinese pages of one WARC file, the dropped ones with a reason."""
-    stats = {"records": 0, "pages_total": 0, "pages_selected": 0, "records_truncated": 0}
+    stats = {"records": 0, "pages_total": 0, "pages_selected": 0, "records_truncated": 0, "read_errors": 0}
     replay: list[tuple] = []
     rows: list[dict] = []
-    for page in _pages(path, config, stats, replay):
-        stats["pages_total"] += 1
-        detected = (page.meta or {}).get("charset-detected")
-        html = None
-        if page.meta is None or "languages-cld2" not in page.meta:
-            html = decode_html(page.body, page.rec.charset, detected)
+    try:
+        for page in _pages(path, config, stats, replay):
+            stats["pages_total"] += 1
+            if page.meta is not None and "languages-cld2" in page.meta and not is_chinese_page(page, None, config):
+                continue  # the cheap path: non-Chinese pages are neither decoded nor parsed
+            html = decode_html(page.body, page.rec.charset, (page.meta or {}).get("charset-detected"))
             tree = LexborHTMLParser(html)
-            body = tree.body
-            text = body.text(separator=" ") if body is not None else ""
-            if not is_chinese_page(page, text, config):
-                continue
-        elif not is_chinese_page(page, None, config):
-            continue  # the cheap path: no decoding, no parsing of non-Chinese pages
-        else:
-            html = decode_html(page.body, page.rec.charset, detected)
-            tree = LexborHTMLParser(html)
-        stats["pages_selected"] += 1
-        rows.extend(_page_candidates(page, tree, snapshot or stats.get("snapshot") or "unknown", path))
+            if page.meta is None or "languages-cld2" not in page.meta:
+                text = tree.body.text(separator=" ") if tree.body is not None else ""
+                if not is_chinese_page(page, text, config):
+                    continue
+            stats["pages_selected"] += 1
+            rows.extend(_page_candidates(page, tree, snapshot or stats.get("snapshot") or "unknown", path))
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # corrupt data part-way through: keep what was read, count the damaged file
+        stats["read_errors"] += 1
+        stats["read_error"] = str(err)[:300]
     stats["img_elements"] = len(rows)
     cand = pd.DataFrame(rows, columns=list(_COLUMNS))
     cand = cand.astype(_COLUMNS)

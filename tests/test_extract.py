@@ -361,3 +361,15 @@ def test_primary_language_edge_cases():
                    '{"languages":{"code":"zh"}}', '{"languages":"zh"}', '{"languages":[{}]}'):
         assert primary_language(meta(broken)) is None, broken
     assert primary_language({}) is None
+
+
+def test_corrupt_data_part_way_keeps_what_was_read_and_counts_it(tmp_path):
+    """A WARC whose later bytes are garbage: the pages before the damage are extracted, the damage counted."""
+    good = fixture_path("warc/warcfile.warc.gz").read_bytes()
+    damaged = tmp_path / "damaged.warc.gz"
+    damaged.write_bytes(good + b"\x1f\x8b\x08\x00garbage that is not a gzip member" * 50)
+    whole = extract_warc(str(fixture_path("warc/warcfile.warc.gz")))
+    res = extract_warc(str(damaged))
+    assert res.stats["read_errors"] == 1 and "damaged.warc.gz" in res.stats["read_error"]
+    assert res.stats["pages_selected"] == whole.stats["pages_selected"]
+    assert len(res.candidates) == len(whole.candidates)
