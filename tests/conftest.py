@@ -9,6 +9,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# No test touches the internet: the model layer must not even probe the Hugging Face hub (set before
+# huggingface_hub is imported, which reads it once), and no server reports usage. Subprocesses and Dask
+# workers inherit these.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
