@@ -22,7 +22,7 @@ def derive_run_id(warcs: list[str], snapshot: str | None) -> str:
     """Stable for the same inputs, so re-running the same command resumes the same run."""
     ids = sorted(str(Path(w).resolve()) if "://" not in w else w for w in warcs)
     digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:10]
-    stem = snapshot or Path(ids[0]).name.split(".")[0] if ids else "empty"
+    stem = snapshot or (Path(ids[0]).name.split(".")[0] if ids else "empty")
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', stem)[:40]}-{digest}"
 
 

@@ -319,8 +319,7 @@ def load_lancedb(ctx: RunContext, embeds: list[dict]) -> dict:
         table, rows = "", 0
         for m in embeds:
             vectors = shards.read_parquet(output(ctx, m, ".vectors.parquet"))
-            snapshot = ctx.snapshot or "unknown"
-            table = upsert_embeddings(ctx.lancedb, name, ctx.run_id, snapshot, vectors) or table
+            table = upsert_embeddings(ctx.lancedb, name, ctx.run_id, ctx.snapshot or "unknown", vectors) or table
             rows += len(vectors)
         shards.write_json({"table": table, "rows": rows, "uri": ctx.lancedb}, out)
         return {"table": table, "rows": rows}

@@ -54,4 +54,6 @@ def embed_pairs(frame: pd.DataFrame, embed_model, align_model, config: EmbedConf
         {"key": frame["key"].to_numpy(), "vector": pd.Series(vectors, dtype="object"),
          "sha256": frame["sha256"].to_numpy()}
     ).astype({"key": "str", "sha256": "str"})
+    if "snapshot" in frame:  # provenance travels with the vector into LanceDB
+        vec["snapshot"] = frame["snapshot"].astype("str").to_numpy()
     return scored, vec

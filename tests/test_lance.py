@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lancedb
 import numpy as np
 import pandas as pd
 
@@ -54,3 +55,12 @@ def test_an_empty_shard_writes_nothing(tmp_path):
     uri = str(tmp_path / "lancedb")
     empty = pd.DataFrame({"key": [], "vector": [], "sha256": []})
     assert upsert_embeddings(uri, "placeholder", "run-1", "S", empty) == ""
+
+
+def test_a_snapshot_column_wins_over_the_argument(tmp_path):
+    uri = str(tmp_path / "lancedb")
+    vectors = _vectors(["a", "b"])
+    vectors["snapshot"] = ["CC-MAIN-2024-10", "CC-MAIN-2024-18"]
+    name = upsert_embeddings(uri, "placeholder", "run-1", "fallback", vectors)
+    rows = lancedb.connect(uri).open_table(name).to_pandas().sort_values("key")
+    assert rows["snapshot"].tolist() == ["CC-MAIN-2024-10", "CC-MAIN-2024-18"]

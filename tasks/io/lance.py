@@ -34,7 +34,10 @@ def _schema(dim: int) -> pa.Schema:
 
 
 def upsert_embeddings(uri: str, model_name: str, run_id: str, snapshot: str, vectors: pd.DataFrame) -> str:
-    """Insert or update one shard's vectors (idempotent on run id + key); returns the table name."""
+    """Insert or update one shard's vectors (idempotent on run id + key); returns the table name.
+
+    A `snapshot` column in `vectors` (the crawl each row came from) wins over the `snapshot` argument.
+    """
     import lancedb
 
     dim = len(vectors["vector"].iloc[0]) if len(vectors) else 0
@@ -48,7 +51,7 @@ def upsert_embeddings(uri: str, model_name: str, run_id: str, snapshot: str, vec
         "row_id": [f"{run_id}/{k}" for k in vectors["key"]],
         "key": vectors["key"].astype(str).tolist(),
         "run_id": [run_id] * len(vectors),
-        "snapshot": [snapshot] * len(vectors),
+        "snapshot": vectors["snapshot"].astype(str).tolist() if "snapshot" in vectors else [snapshot] * len(vectors),
         "sha256": vectors["sha256"].astype(str).tolist(),
         "model": [model_name] * len(vectors),
         "committed": [False] * len(vectors),
