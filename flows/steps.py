@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +27,8 @@ from tasks.io.http import HttpFetcher
 from tasks.io.lance import upsert_embeddings
 from tasks.io.replay import ReplayFetcher
 
-CODE_VERSION = "0.1.0"  # part of every step hash: a release that changes behaviour recomputes
+CODE_VERSION = version("danqing")  # part of every step hash: a release that changes behaviour recomputes
+HIST_MAX = 100  # caption word-count histogram: the last bin holds this many words or more
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,7 @@ def source(ctx: RunContext, shard: str, upstream: dict) -> dict:
     return run_shard_step(ctx, "source", shard, [upstream["hash"]], compute, config_dict(cfg))
 
 
-HIST_MAX = 100  # caption word-count histogram: the last bin holds this many words or more
+
 refine = task(name="refine", task_run_name="refine-{shard}", cache_policy=NO_CACHE)(
     _simple("refine", refine_stage, "refine_text"))
 image = task(name="image", task_run_name="image-{shard}", cache_policy=NO_CACHE)(
