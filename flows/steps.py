@@ -53,7 +53,7 @@ class RunContext:
 
 
 # The reported stage each shard step counts toward, and the schema its kept rows must satisfy.
-STEPS: dict[str, tuple[str | None, type | None]] = {
+STEPS: dict[str, tuple[str, type]] = {
     "extract": ("extract", C.CandidateSchema),
     "source": ("source", C.SourcedSchema),
     "fetch": ("fetch", C.FetchedSchema),
@@ -62,7 +62,6 @@ STEPS: dict[str, tuple[str | None, type | None]] = {
     "embed": ("image", C.ScoredSchema),
     "align": ("align", C.SelectedSchema),
     "crossbatch": ("crossbatch", C.SelectedSchema),
-    "write": (None, None),
 }
 
 # Rules each stage has built so far; the report lists the others as not_run.
@@ -107,29 +106,43 @@ def _rel(ctx: RunContext, path: Path) -> str:
     return str(path.relative_to(ctx.root))
 
 
+def _resumable(ctx: RunContext, mpath: Path, identity: dict, produce: Callable[[], dict]) -> dict:
+    """The one resume mechanism: the marker at `mpath` is reused when its hash of `identity` (plus the
+    code version) matches and its outputs exist; else `produce()` writes the outputs and returns the
+    marker body, which is written last."""
+    digest = shards.stable_hash({**identity, "version": CODE_VERSION})
+    marker = shards.read_json(mpath)
+    if _fresh(ctx, marker, digest):
+        return marker
+    marker = {"hash": digest, **produce()}
+    shards.write_json(marker, mpath)
+    return marker
+
+
 def run_shard_step(
     ctx: RunContext,
     step: str,
     shard: str,
     inputs: list,
-    compute: Callable[[], tuple[pd.DataFrame, dict, dict[str, Callable[[Path], None]]]],
+    compute: Callable[[], tuple[pd.DataFrame, dict, dict[str, pd.DataFrame]]],
     config: dict | None = None,
     blobs: dict[str, str] | None = None,
 ) -> dict:
     """Skip when the marker matches; else compute, validate, write kept rows and rejects, then mark.
 
-    `compute` returns (frame with drop_reason, extra stats, extra outputs path-name -> writer).
+    `compute` returns (frame with drop_reason, extra stats, extra frames to store: suffix -> frame).
     `blobs` moves a bytes column of the kept rows into its own key -> bytes file (suffix -> column),
     so bulky image bytes are written once and not copied through every later stage.
     """
-    digest = shards.stable_hash({"step": step, "version": CODE_VERSION, "config": config or {}, "inputs": inputs})
-    mpath = marker_path(ctx, step, shard)
-    marker = shards.read_json(mpath)
-    if _fresh(ctx, marker, digest):
-        return marker
+    identity = {"step": step, "config": config or {}, "inputs": inputs}
+    return _resumable(ctx, marker_path(ctx, step, shard), identity,
+                      lambda: _produce_shard(ctx, step, shard, compute, blobs))
+
+
+def _produce_shard(ctx: RunContext, step: str, shard: str, compute, blobs: dict[str, str] | None) -> dict:
     stage, schema = STEPS[step]
     started = time.perf_counter()
-    frame, extra, extra_outputs = compute()
+    frame, extra, extra_frames = compute()
     dropped_rows = frame[frame["drop_reason"].notna()]
     kept = frame[frame["drop_reason"].isna()].drop(columns=["drop_reason"])
     kept, quarantined = C.validate(schema, kept, stage, ctx.max_failure_fraction)
@@ -144,19 +157,17 @@ def run_shard_step(
         outputs += [_rel(ctx, path), _rel(ctx, index)]
     shards.write_parquet(kept, out)
     shards.write_parquet(write_stage.rejects(dropped_rows), rejects)
-    for name, writer in extra_outputs.items():
-        path = step_path(ctx, step, shard, name)
-        shards.write_with(path, writer)
+    for suffix, extra_frame in extra_frames.items():
+        path = step_path(ctx, step, shard, suffix)
+        shards.write_parquet(extra_frame, path)
         outputs.append(_rel(ctx, path))
     counts = dropped_rows["drop_reason"].value_counts().to_dict()
-    marker = {
-        "hash": digest, "step": step, "stage": stage, "shard": shard,
+    return {
+        "step": step, "stage": stage, "shard": shard,
         "in": int(len(frame)), "kept": int(len(kept)),
         "dropped": {str(k): int(v) for k, v in sorted(counts.items())},
         "extra": extra, "outputs": outputs, "seconds": round(time.perf_counter() - started, 3),
     }
-    shards.write_json(marker, mpath)
-    return marker
 
 
 def output(ctx: RunContext, marker: dict, suffix: str) -> Path:
@@ -168,10 +179,6 @@ def _read(ctx: RunContext, step: str, shard: str) -> pd.DataFrame:
     return shards.read_parquet(step_path(ctx, step, shard))
 
 
-def _parquet_writer(frame: pd.DataFrame):
-    return lambda p: frame.reset_index(drop=True).to_parquet(p, index=False, compression="zstd")
-
-
 @task(name="extract", task_run_name="extract-{shard}", cache_policy=NO_CACHE, retries=2,
       retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def extract(ctx: RunContext, shard: str, warc: str) -> dict:
@@ -179,7 +186,7 @@ def extract(ctx: RunContext, shard: str, warc: str) -> dict:
 
     def compute():
         res = extract_stage.extract_warc(warc, cfg, ctx.snapshot)
-        return res.candidates, res.stats, {".replay.parquet": _parquet_writer(res.replay)}
+        return res.candidates, res.stats, {".replay.parquet": res.replay}
 
     return run_shard_step(ctx, "extract", shard, [shards.file_identity(warc), ctx.snapshot], compute,
                           config_dict(cfg))
@@ -262,16 +269,13 @@ def replay_index(ctx: RunContext, extracts: list[dict]) -> dict:
 
 def run_reduce(ctx: RunContext, name: str, suffix: str, inputs: list, compute: Callable[[Path], dict]) -> dict:
     """A resumable barrier over all shards of a step: one artifact, one marker with its input hash."""
-    digest = shards.stable_hash({"reduce": name, "version": CODE_VERSION, "inputs": inputs})
     out = ctx.root / "reduce" / f"{name}{suffix}"
-    mpath = ctx.root / "reduce" / f"{name}.done.json"
-    marker = shards.read_json(mpath)
-    if _fresh(ctx, marker, digest):
-        return marker
-    extra = compute(out)
-    marker = {"hash": digest, "reduce": name, "outputs": [_rel(ctx, out)] if out.exists() else [], "extra": extra}
-    shards.write_json(marker, mpath)
-    return marker
+
+    def produce() -> dict:
+        extra = compute(out)
+        return {"reduce": name, "outputs": [_rel(ctx, out)] if out.exists() else [], "extra": extra}
+
+    return _resumable(ctx, ctx.root / "reduce" / f"{name}.done.json", {"reduce": name, "inputs": inputs}, produce)
 
 
 @task(name="embed", task_run_name="embed-{shard}", cache_policy=NO_CACHE, tags=["gpu"])
@@ -289,7 +293,7 @@ def embed(ctx: RunContext, shard: str, upstream: dict) -> dict:
                                                       image_of=images.__getitem__)
         vectors, _ = C.validate(C.EmbeddingSchema, vectors, "image", 0.0)
         extra = {"dim": int(embed_model.dim), "worker": _worker_name()}
-        return scored, extra, {".vectors.parquet": _parquet_writer(vectors)}
+        return scored, extra, {".vectors.parquet": vectors}
 
     inputs = [upstream["hash"], ctx.models["embed"], ctx.models["align"]]
     return run_shard_step(ctx, "embed", shard, inputs, compute, config_dict(cfg))
@@ -368,21 +372,19 @@ def crossbatch(ctx: RunContext, shard: str, upstream: dict) -> dict:
 @task(name="write", task_run_name="write-{shard}", cache_policy=NO_CACHE)
 def write(ctx: RunContext, shard: str, upstream: dict) -> dict:
     """The dataset shard: <run>/dataset/<shard>.tar (webdataset) and <shard>.parquet (metadata)."""
-    digest = shards.stable_hash({"step": "write", "version": CODE_VERSION, "inputs": [upstream["hash"]]})
-    mpath = marker_path(ctx, "write", shard)
-    marker = shards.read_json(mpath)
-    if _fresh(ctx, marker, digest):
-        return marker
-    frame = _read(ctx, "crossbatch", shard)
-    tar = ctx.root / "dataset" / f"{shard}.tar"
-    meta = ctx.root / "dataset" / f"{shard}.parquet"
-    with images_of(ctx, shard) as images:
-        shards.write_with(tar, lambda p: write_stage.write_webdataset(frame, p, image_of=images.__getitem__))
-    shards.write_parquet(write_stage.metadata(frame), meta)
-    marker = {"hash": digest, "step": "write", "shard": shard, "samples": int(len(frame)),
-              "outputs": [_rel(ctx, tar), _rel(ctx, meta)]}
-    shards.write_json(marker, mpath)
-    return marker
+
+    def produce() -> dict:
+        frame = _read(ctx, "crossbatch", shard)
+        tar = ctx.root / "dataset" / f"{shard}.tar"
+        meta = ctx.root / "dataset" / f"{shard}.parquet"
+        with images_of(ctx, shard) as images:
+            shards.write_with(tar, lambda p: write_stage.write_webdataset(frame, p, image_of=images.__getitem__))
+        shards.write_parquet(write_stage.metadata(frame), meta)
+        return {"step": "write", "shard": shard, "samples": int(len(frame)),
+                "outputs": [_rel(ctx, tar), _rel(ctx, meta)]}
+
+    return _resumable(ctx, marker_path(ctx, "write", shard), {"step": "write", "inputs": [upstream["hash"]]},
+                      produce)
 
 
 def shard_ids(warcs: list[str]) -> list[str]:
