@@ -15,7 +15,7 @@ from flows.runtime import ensure_gpu_limit, task_runner
 from flows.settings import CurateParams, LocalClusterSpec, check_config
 from tasks.io import shards
 
-STEP_ORDER = ("extract", "source", "fetch", "refine", "image", "embed", "align", "crossbatch", "write")
+STEP_ORDER = (*steps.STEPS, "write")  # the shard steps in pipeline order, then the dataset writer
 
 
 def derive_run_id(warcs: list[str], snapshot: str | None) -> str:

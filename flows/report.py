@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+from flows.steps import BUILT_RULES, STEPS
 from schemas.reasons import STAGES, stage_reasons
 
-# Which shard steps count toward each reported stage, in order.
-STAGE_STEPS = {
-    "extract": ("extract",), "source": ("source",), "fetch": ("fetch",), "refine": ("refine",),
-    "image": ("image", "embed"), "align": ("align",), "crossbatch": ("crossbatch",),
-}
+# Which shard steps count toward each reported stage, in pipeline order (STEPS says which stage each feeds).
+STAGE_STEPS = {stage: tuple(step for step, (owner, _) in STEPS.items() if owner == stage) for stage in STAGES}
 
 # DanQing Table 6: pairs left after each rule (SPEC.md). Rules the paper merged share one row.
 PAPER_AFTER = [
@@ -133,45 +132,45 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_funnel(report: dict, path: Path) -> None:
+@contextlib.contextmanager
+def _figure(path: Path, size: tuple[float, float]):
+    """A headless matplotlib figure saved as PNG at `path` (no timestamped metadata) and closed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    finally:
+        plt.close(fig)
+
+
+def plot_funnel(report: dict, path: Path) -> None:
     names = [s["stage"] for s in report["stages"]]
     raw = report["stages"][0]["kept"] or 1
     ours = [100 * s["kept"] / raw for s in report["stages"]]
     paper = [100 * PAPER_STAGE_AFTER[n] / PAPER_STAGE_AFTER["extract"] for n in names]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], ours, width=0.4, label="this run")
-    ax.bar([i + 0.2 for i in x], paper, width=0.4, label="DanQing Table 6")
-    ax.set_xticks(list(x), names)
-    ax.set_ylabel("% of raw pairs kept after stage")
-    ax.set_title(f"Funnel: {report['run_id']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    with _figure(path, (8, 4)) as ax:
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], ours, width=0.4, label="this run")
+        ax.bar([i + 0.2 for i in x], paper, width=0.4, label="DanQing Table 6")
+        ax.set_xticks(list(x), names)
+        ax.set_ylabel("% of raw pairs kept after stage")
+        ax.set_title(f"Funnel: {report['run_id']}")
 
 
 def plot_word_counts(hist: list[int], path: Path, lo: int, hi: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(range(len(hist)), hist, width=1.0)
-    ax.axvline(lo - 0.5, color="red", linestyle="--", label=f"kept {lo}-{hi} words")
-    ax.axvline(hi + 0.5, color="red", linestyle="--")
-    ax.set_xlabel("jieba words in the alt text (Chinese captions; last bin = more)")
-    ax.set_ylabel("captions")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    with _figure(path, (8, 3.5)) as ax:
+        ax.bar(range(len(hist)), hist, width=1.0)
+        ax.axvline(lo - 0.5, color="red", linestyle="--", label=f"kept {lo}-{hi} words")
+        ax.axvline(hi + 0.5, color="red", linestyle="--")
+        ax.set_xlabel("jieba words in the alt text (Chinese captions; last bin = more)")
+        ax.set_ylabel("captions")
 
 
 def prepare_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict]) -> Callable[[], dict]:
@@ -181,8 +180,6 @@ def prepare_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict]
     The flow renders while the last dataset shards are still being written, and puts the report in
     place only once they are: a report never describes a dataset that is not there.
     """
-    from flows.steps import BUILT_RULES
-
     report = build_report(ctx, results, reduces, BUILT_RULES)
     root = Path(ctx.run_dir)
     staged: list[tuple[Path, Path]] = []
