@@ -17,7 +17,8 @@ from flows.settings import LocalClusterSpec, prefect_api_url
 log = logging.getLogger("danqing")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -42,7 +43,7 @@ def prefect_api(log_dir: Path, startup_timeout_s: float = 120.0):
     if url:
         yield url
         return
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     log_dir.mkdir(parents=True, exist_ok=True)
     logfile = open(log_dir / "prefect-server.log", "ab")

@@ -11,14 +11,20 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURES = SHARED / "fixtures"
 
 
 def fixture_path(rel: str) -> Path:
     """The fixture at `rel` under shared/fixtures, or skip (fail under CI) when it is absent."""
-    path = FIXTURES / rel
+    return shared_path(f"fixtures/{rel}")
+
+
+def shared_path(rel: str) -> Path:
+    """The file at `rel` under ../shared (fixtures, tools), or skip (fail under CI) when it is absent."""
+    path = SHARED / rel
     if not path.exists():
-        message = f"shared fixture {path} is absent (the shared fixtures sit beside the clone)"
+        message = f"shared file {path} is absent (shared/ sits beside the clone)"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{message}; under CI it must be there")
         pytest.skip(message)

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from _fixtures import shared_path
 
 from flows.curate import curate
 from flows.settings import CurateParams, LocalClusterSpec
 from schemas.contracts import ContractError, row_key
 
-ROOT = Path(__file__).resolve().parents[2]
-CHECK_REPORT = ROOT.parent / "shared" / "tools" / "check_report.py"
 # Threads in this process: fast to start, and a test can substitute a stage function.
 IN_PROCESS = LocalClusterSpec(n_workers=1, threads_per_worker=2, processes=False, memory_limit="4GiB")
 
@@ -32,17 +31,10 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 def check_report(path: Path, *flags: str) -> str:
-    if not CHECK_REPORT.exists():
-        pytest.fail(f"{CHECK_REPORT} is missing") if _ci() else pytest.skip("shared/tools not beside the checkout")
-    res = subprocess.run([sys.executable, str(CHECK_REPORT), str(path), *flags], capture_output=True, text=True)
+    tool = shared_path("tools/check_report.py")
+    res = subprocess.run([sys.executable, str(tool), str(path), *flags], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
-
-
-def _ci() -> bool:
-    import os
-
-    return os.environ.get("CI") == "true"
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,35 +15,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _fixtures import fixture_path
 from PIL import Image
 from test_curate import IN_PROCESS, check_report, run_sample
 
 from flows.curate import curate
+from flows.runtime import free_port
 from flows.settings import CurateParams, LocalClusterSpec
 
 ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
 CAPTION = "一只可爱的小猫在阳光明媚的花园里安静地睡觉"
-
-
-def fixture(rel: str) -> Path:
-    path = FIXTURES / rel
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"fixture missing under CI: {path}")
-        pytest.skip(f"fixture not available: {path}")
-    return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_real_common_crawl_excerpt_without_network(prefect_server, tmp_path):
     """Pages and <img> counts of the real excerpt; images whose hosts cannot resolve end as fetch.http_error."""
-    warc = fixture("warc/warcfile.warc.gz")
+    warc = fixture_path("warc/warcfile.warc.gz")
     # resolve=[]: no host resolves and no DNS query leaves the machine, as on a machine with no network.
     # Its alt texts are all 1-4 words (spam and navigation): min_words 1 lets some reach the fetcher.
     params = CurateParams(warcs=[str(warc)], out=str(tmp_path),
@@ -134,7 +119,7 @@ def test_http_fetcher_against_a_local_server(prefect_server, tmp_path):
 @pytest.fixture
 def external_cluster(prefect_server, tmp_path):
     """A real `dask scheduler` and two `dask worker` processes on 127.0.0.1."""
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
@@ -183,7 +168,7 @@ def test_run_on_an_external_dask_cluster(external_cluster, sample_crawl, tmp_pat
 
 
 def test_unreachable_dask_address_is_a_clear_error(prefect_server, sample_crawl, tmp_path):
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     params = CurateParams(warcs=[str(p) for p in sample_crawl.warcs], out=str(tmp_path), fetcher="replay")
     start = time.monotonic()
     with pytest.raises(ConnectionError, match="cannot reach the Dask scheduler"):
