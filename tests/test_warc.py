@@ -184,6 +184,9 @@ def test_file_cut_mid_record_ends_without_error(tmp_path, backend):
     assert not any(t for _, t in seen[:-1])
 
 
-def test_remote_paths_are_refused():
-    with pytest.raises(ValueError, match="only local WARC paths"):
-        list(iter_records("s3://bucket/file.warc.gz"))
+def test_unsupported_schemes_and_remote_seeks_are_refused():
+    # http(s) and s3 URLs stream through tasks.io.cc (tests/tasks/test_cc.py); other schemes are refused.
+    with pytest.raises(ValueError, match="unsupported URL scheme"):
+        list(iter_records("ftp://example.test/file.warc.gz"))
+    with pytest.raises(ValueError, match="read_records"):
+        read_record_at("https://example.test/file.warc.gz", 0)

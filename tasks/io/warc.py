@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from tasks.io.cc import CCConfig, RangeStats, open_stream, read_records
 
 log = logging.getLogger("danqing.warc")
 
@@ -16,6 +19,9 @@ try:  # FastWARC reads at ~0.9x gunzip speed, warcio at ~0.33x (STACK.md)
     HAVE_FASTWARC = True
 except ImportError:  # pragma: no cover - exercised through backend="warcio"
     HAVE_FASTWARC = False
+
+BAD_MEMBER = "warc.bad_member"  # a byte range that does not inflate or parse as a WARC record
+TRUNCATED_RECORD = "warc.truncated_record"  # a record whose payload ends before its Content-Length
 
 WANTED = frozenset({"warcinfo", "response", "metadata", "resource"})
 # How a WARC file can start: gzip, zstd or lz4 members (FastWARC reads all three), or plain text.
@@ -60,26 +66,44 @@ def _split_type(value: str | None) -> tuple[str | None, str | None]:
     return parts[0].lower() or None, charset
 
 
-def _open(path: str):
+def _open(path: str, cc: CCConfig | None = None):
+    """A local file, or an http(s)/s3 URL through the resumable Common Crawl reader."""
     if "://" in path:
-        raise ValueError(f"only local WARC paths are supported so far: {path}")
+        return open_stream(path, cc or CCConfig())
     return open(Path(path), "rb")
 
 
-def iter_records(path: str, backend: str = "auto") -> Iterator[Record]:
-    """Yield the records of one WARC file; a file that ends mid-record raises nothing.
+def iter_records(path: str, backend: str = "auto", cc: CCConfig | None = None) -> Iterator[Record]:
+    """Yield the records of one WARC file (a local path or a URL); a file that ends mid-record raises nothing.
 
     A read error stops the iteration with an OSError that names the file and offset.
     """
     use_fast = HAVE_FASTWARC and backend in ("auto", "fastwarc")
-    with _open(path) as fh:
-        head = fh.read(8)
+    with _open(path, cc) as fh:
+        head = fh.peek(8)[:8]  # peek, not read + seek: a remote stream cannot seek back
         if not head:
             return
         if not head.startswith(_MAGIC):  # FastWARC skips junk silently: a file of it would read as "no pages"
             raise OSError(f"{path}: not a WARC file (starts with {head!r})")
-        fh.seek(0)
         yield from (_iter_fast(fh, path) if use_fast else _iter_warcio(fh, path))
+
+
+def iter_member_records(data: bytes, offset: int, source: str = "", backend: str = "auto") -> Iterator[Record]:
+    """The records of gzip members read by byte range from `offset` of a WARC file, with their true offsets.
+
+    For index-selected records (tasks.io.cc.read_records): data that does not inflate, or holds no record,
+    raises an OSError naming `source` and the offset, so the caller can make it that record's error alone.
+    """
+    where = f"{source or 'WARC'} at byte {offset}"
+    fh = io.BytesIO(data)
+    records = _iter_fast(fh, where) if (HAVE_FASTWARC and backend != "warcio") else _iter_warcio(fh, where)
+    found = False
+    for rec in records:
+        rec.offset += offset
+        found = True
+        yield rec
+    if not found:
+        raise OSError(f"{where}: no WARC record in {len(data)} bytes")
 
 
 def _iter_fast(fh, path: str) -> Iterator[Record]:
@@ -206,7 +230,12 @@ def _strict_gzip_reader(fh, path: str):
 
 
 def read_record_at(path: str, offset: int, backend: str = "auto") -> tuple[Record, bytes]:
-    """The record starting at `offset` (each record is its own gzip member) and its payload."""
+    """The record starting at `offset` of a local file (each record is its own gzip member) and its payload.
+
+    Remote records are read by range instead: tasks.io.cc.read_records, then iter_member_records.
+    """
+    if "://" in path:
+        raise ValueError(f"read_record_at reads local files; read_records + iter_member_records read {path}")
     with _open(path) as fh:
         fh.seek(offset)
         gen = _iter_fast(fh, path) if (HAVE_FASTWARC and backend != "warcio") else _iter_warcio(fh, path)
@@ -215,3 +244,27 @@ def read_record_at(path: str, offset: int, backend: str = "auto") -> tuple[Recor
                 break
             return rec, rec.read()
     raise OSError(f"{path}: no WARC record at offset {offset}")
+
+
+def read_records_at(path: str, ranges: list[tuple[int, int]], cc: CCConfig | None = None,
+                    stats: RangeStats | None = None, backend: str = "auto",
+                    ) -> Iterator[tuple[int, Record | None, bytes | None, str | None]]:
+    """(offset, record, payload, None) for the record at each (offset, length) of one WARC, by range reads.
+
+    The remote counterpart of read_record_at, for index-selected records: a range that cannot be read, does not
+    inflate or ends mid-record is (offset, None, None, "<reason>: detail") and the other records still come.
+    """
+    for offset, data, error in read_records(path, ranges, cc or CCConfig(), stats):
+        if error is not None:
+            yield offset, None, None, error
+            continue
+        try:
+            rec = next(iter_member_records(data, offset, path, backend))
+            payload = rec.read()
+        except OSError as err:
+            yield offset, None, None, f"{BAD_MEMBER}: {str(err)[:300]}"  # warcio quotes whole binary lines
+            continue
+        if rec.truncated:
+            yield offset, None, None, f"{TRUNCATED_RECORD}: {path} at byte {offset}: the range ends mid-record"
+        else:
+            yield offset, rec, payload, None
