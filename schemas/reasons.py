@@ -4,7 +4,7 @@
 STAGES: tuple[str, ...] = ("extract", "source", "fetch", "refine", "image", "align", "crossbatch")
 
 REASONS: dict[str, tuple[str, ...]] = {
-    "extract": ("no_src", "bad_url", "duplicate"),
+    "extract": ("no_src", "bad_url", "svg", "tracking_pixel", "duplicate"),
     "source": ("caption_not_chinese", "text_nsfw", "blacklisted_site", "word_count"),
     "fetch": (
         "http_error", "timeout", "too_large", "not_image", "decode_error", "opt_out", "robots",

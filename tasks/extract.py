@@ -16,7 +16,7 @@ from tasks.io.warc import Record, iter_records
 from tasks.text import is_mostly_chinese
 
 STAGE = "extract"
-RULES = ("no_src", "bad_url", "duplicate")
+RULES = ("no_src", "bad_url", "svg", "tracking_pixel", "duplicate")
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
 _WS = re.compile(r"[\t\n\r]")
@@ -27,9 +27,15 @@ class ExtractConfig:
     chinese_codes: tuple[str, ...] = ("zh", "zh-Hant", "zh-Hans")  # cld2 codes taken as Chinese (primary only)
     fallback_min_han_share: float = 0.5  # no metadata record: Han share of the page's text units
     fallback_max_kana_share: float = 0.05  # no metadata record: more kana than this is Japanese
-    max_page_bytes: int = 8_000_000  # larger HTML bodies are parsed up to this many bytes
+    max_page_bytes: int = 8_000_000  # larger HTML bodies are parsed up to this many bytes (counted: pages_oversize)
     backend: str = "auto"  # WARC reader: auto (FastWARC), fastwarc, warcio
     image_mimes: tuple[str, ...] = ("image/",)  # response types never read as pages
+    # Lazy-loading pages keep the real image in one of these and a placeholder in src; first present wins.
+    lazy_src_attrs: tuple[str, ...] = ("data-src", "data-original", "data-lazy-src", "data-actualsrc", "data-url")
+    use_srcset: bool = True  # take the largest srcset candidate over src
+    title_as_alt: bool = False  # the paper's captions are alt texts: title stands in only when asked
+    max_pixel_side: int = 1  # declared width and height both <= this: a tracking pixel, dropped
+    min_cjk_bytes: int = 6  # pages without a CC language label: fewer non-ASCII bytes (2 Han in UTF-8) are not Chinese
 
 
 @dataclass
@@ -87,10 +93,13 @@ def _host(url: str) -> str:
         return ""
 
 
+_NOT_FETCHABLE = ("data:", "javascript:", "about:", "blob:", "mailto:")
+
+
 def resolve_src(src: str, base: str) -> str | None:
     """Absolute http(s) URL for an <img> src, or None when it is not a fetchable URL."""
     src = _WS.sub("", src.strip())  # browsers drop tabs/newlines inside URLs
-    if not src or src.lower().startswith(("data:", "javascript:", "about:", "blob:", "mailto:")):
+    if not src or src[:11].lower().startswith(_NOT_FETCHABLE):
         return None
     try:
         url = urljoin(base, src)
@@ -102,48 +111,135 @@ def resolve_src(src: str, base: str) -> str | None:
     return url
 
 
+class _Resolver:
+    """resolve_src for one page, with the cheap cases done by string operations (urljoin is the hot spot).
+
+    Absolute http(s) URLs are taken as they are and root-relative paths are appended to the page's origin when
+    they hold nothing urljoin would rewrite (dot segments, backslashes); everything else goes through urljoin.
+    """
+
+    def __init__(self, base: str):
+        self.base = base
+        parts = urlsplit(base) if base.startswith(("http://", "https://")) else None
+        self.origin = f"{parts.scheme}://{parts.netloc}" if parts is not None and parts.hostname else None
+        self.host = _host(base) if self.origin else ""
+
+    def __call__(self, src: str) -> tuple[str | None, str]:
+        raw = src
+        if "\t" in src or "\n" in src or "\r" in src:
+            src = _WS.sub("", src)
+        src = src.strip()
+        if self.origin is not None and src[:1] == "/" and src[1:2] not in ("/", "\\") and "/." not in src \
+                and "\\" not in src and " " not in src:
+            return self.origin + src, self.host
+        url = resolve_src(raw, self.base)
+        return url, (_host(url) if url else "")
+
+
+def largest_srcset(srcset: str) -> str | None:
+    """The URL of a srcset's largest candidate: by width descriptor, else density; none means 1x."""
+    best, best_size = None, -1.0
+    for item in _SRCSET_ITEM.finditer(srcset):
+        url, desc = item.group(1), (item.group(2) or "").strip().lower()
+        url = url.rstrip(",")
+        if not url:
+            continue
+        size = 1.0
+        if desc.endswith("w") or desc.endswith("x"):
+            try:
+                size = float(desc[:-1]) * (1.0 if desc.endswith("x") else 1e6)  # any width beats any density
+            except ValueError:
+                continue  # an invalid descriptor drops the candidate (HTML's srcset parsing)
+        if size > best_size:
+            best, best_size = url, size
+    return best
+
+
+# A srcset candidate: a URL (no whitespace; a trailing comma ends it) and an optional descriptor up to the comma.
+_SRCSET_ITEM = re.compile(r"[\s,]*([^\s,][^\s]*?)(?:,|\s+([^,]*)(?:,|$)|$)")
+_SVG = re.compile(r"\.svgz?(?:$|[?#])", re.I)
+
+
+def choose_src(attrs: dict, config: ExtractConfig) -> tuple[str | None, str]:
+    """(raw URL, attribute it came from) of an <img>: lazy-load attributes, then srcset's largest, then src."""
+    for name in config.lazy_src_attrs:
+        value = attrs.get(name)
+        if value and value.strip() and not value.strip()[:5].lower().startswith("data:"):
+            return value, name
+    if config.use_srcset:
+        srcset = attrs.get("srcset")
+        if srcset and srcset.strip():
+            best = largest_srcset(srcset)
+            if best is not None and not best.lower().startswith("data:"):
+                return best, "srcset"
+    return attrs.get("src"), "src"
+
+
+def _declared_px(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip().lower().removesuffix("px").strip()
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def is_tracking_pixel(attrs: dict, config: ExtractConfig) -> bool:
+    """Declared width and height (attributes) both at most max_pixel_side: a beacon, not a picture."""
+    w, h = _declared_px(attrs.get("width")), _declared_px(attrs.get("height"))
+    return w is not None and h is not None and w <= config.max_pixel_side and h <= config.max_pixel_side
+
+
 @dataclass
 class _Page:
     rec: Record
     body: bytes
     meta: dict[str, str] | None = None
+    chinese: bool | None = None  # decided by Common Crawl's label (metadata record or index); None: not labelled
 
 
-def _pages(path: str, config: ExtractConfig, stats: dict, replay: list) -> Iterator[_Page]:
+def _pages(path: str, config: ExtractConfig, stats: dict, replay: list, cc=None) -> Iterator[_Page]:
     """HTML pages paired with the metadata record that follows them (when there is one)."""
     pending: _Page | None = None
-    for rec in iter_records(path, config.backend):
+    image_mimes = config.image_mimes
+    for rec in iter_records(path, config.backend, cc):
         stats["records"] += 1
-        if rec.type == "warcinfo":
-            info = parse_metadata(rec.read())
-            stats.setdefault("snapshot", info.get("ispartof"))
-            continue
-        if rec.type == "metadata":
+        kind = rec.type
+        if kind == "metadata":
             if pending is not None and rec.uri == pending.rec.uri:
                 pending.meta = parse_metadata(rec.read())
                 yield pending
                 pending = None
             continue
-        if rec.type != "response":
+        if kind == "warcinfo":
+            info = parse_metadata(rec.read())
+            stats.setdefault("snapshot", info.get("ispartof"))
+            continue
+        if kind != "response":
             continue
         replay.append((rec.uri, path, rec.offset, rec.status))  # any response may be asked for by URL
-        if rec.status != 200 or (rec.mime or "").startswith(config.image_mimes):
+        mime = rec.mime
+        if rec.status != 200 or (mime or "").startswith(image_mimes):
+            continue
+        if mime is not None and mime not in HTML_TYPES:
             continue
         body = rec.read()
         if rec.truncated:
             stats["records_truncated"] += 1
-        sniffed_html = rec.mime is None and body.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html"))
-        if rec.mime not in HTML_TYPES and not sniffed_html:
+        if mime is None and not body.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
             continue
         if pending is not None:
             yield pending
-        pending = _Page(rec, body[: config.max_page_bytes])
+        pending = _Page(rec, body)
     if pending is not None:
         yield pending
 
 
 def is_chinese_page(page: _Page, text: str | None, config: ExtractConfig) -> bool:
     """Common Crawl's own label when there is one; else the page text must be mostly Chinese."""
+    if page.chinese is not None:
+        return page.chinese
     if page.meta is not None and "languages-cld2" in page.meta:
         return primary_language(page.meta) in config.chinese_codes
     return text is not None and is_mostly_chinese(
@@ -151,81 +247,160 @@ def is_chinese_page(page: _Page, text: str | None, config: ExtractConfig) -> boo
     )
 
 
-def extract_warc(path: str, config: ExtractConfig = ExtractConfig(), snapshot: str | None = None) -> ExtractResult:
-    """All <img> candidates of the Chinese pages of one WARC file, the dropped ones with a reason."""
-    stats = {"records": 0, "pages_total": 0, "pages_selected": 0, "records_truncated": 0, "read_errors": 0}
+def _label(page: _Page, config: ExtractConfig) -> bool | None:
+    if page.chinese is None and page.meta is not None and "languages-cld2" in page.meta:
+        page.chinese = primary_language(page.meta) in config.chinese_codes
+    return page.chinese
+
+
+_HIGH_BYTES = bytes(range(0x80, 0x100))
+
+
+def _cjk_possible(body: bytes, config: ExtractConfig) -> bool:
+    """Byte-level pre-check for unlabelled pages: Chinese text needs non-ASCII bytes (or numeric references)."""
+    high = len(body) - len(body.translate(None, _HIGH_BYTES))
+    return high >= config.min_cjk_bytes or body.count(b"&#") >= config.min_cjk_bytes // 2
+
+
+def _new_stats() -> dict:
+    return {"records": 0, "pages_total": 0, "pages_selected": 0, "records_truncated": 0, "read_errors": 0,
+            "pages_oversize": 0}
+
+
+def _collect(pages: Iterator[_Page], path: str, config: ExtractConfig, stats: dict, snapshot: str | None,
+             rows: list[tuple]) -> None:
+    """Select the Chinese pages among `pages` and append their <img> candidates to `rows`."""
+    for page in pages:
+        stats["pages_total"] += 1
+        if _label(page, config) is False:
+            continue  # the cheap path: labelled non-Chinese pages are neither decoded nor parsed
+        body = page.body
+        if len(body) > config.max_page_bytes:
+            stats["pages_oversize"] += 1
+            body = body[: config.max_page_bytes]
+        if page.chinese is None and not _cjk_possible(body, config):
+            continue
+        html = decode_html(body, page.rec.charset, (page.meta or {}).get("charset-detected"))
+        tree = LexborHTMLParser(html)
+        if page.chinese is None:
+            text = tree.body.text(separator=" ") if tree.body is not None else ""
+            if not is_chinese_page(page, text, config):
+                continue
+        stats["pages_selected"] += 1
+        _page_candidates(page, tree, snapshot or stats.get("snapshot") or "unknown", path, config, rows)
+
+
+def extract_warc(path: str, config: ExtractConfig = ExtractConfig(), snapshot: str | None = None,
+                 cc=None) -> ExtractResult:
+    """All <img> candidates of the Chinese pages of one WARC file (a full scan), the dropped ones with a reason."""
+    stats = _new_stats()
     replay: list[tuple] = []
-    rows: list[dict] = []
+    rows: list[tuple] = []
     try:
-        for page in _pages(path, config, stats, replay):
-            stats["pages_total"] += 1
-            if page.meta is not None and "languages-cld2" in page.meta and not is_chinese_page(page, None, config):
-                continue  # the cheap path: non-Chinese pages are neither decoded nor parsed
-            html = decode_html(page.body, page.rec.charset, (page.meta or {}).get("charset-detected"))
-            tree = LexborHTMLParser(html)
-            if page.meta is None or "languages-cld2" not in page.meta:
-                text = tree.body.text(separator=" ") if tree.body is not None else ""
-                if not is_chinese_page(page, text, config):
-                    continue
-            stats["pages_selected"] += 1
-            rows.extend(_page_candidates(page, tree, snapshot or stats.get("snapshot") or "unknown", path))
+        _collect(_pages(path, config, stats, replay, cc), path, config, stats, snapshot, rows)
     except FileNotFoundError:
         raise
     except OSError as err:  # corrupt data part-way through: keep what was read, count the damaged file
         stats["read_errors"] += 1
         stats["read_error"] = str(err)[:300]
+    stats.pop("snapshot", None)
+    return ExtractResult(_frame(rows, stats), _replay_frame(replay), stats)
+
+
+def extract_selected(path: str, selected: pd.DataFrame, config: ExtractConfig = ExtractConfig(),
+                     snapshot: str | None = None, cc=None, pages_total: int | None = None) -> ExtractResult:
+    """Candidates of the index-selected records of one WARC file, read by byte range (no full scan).
+
+    `selected`: index rows (warc_record_offset, warc_record_length, content_languages, content_charset) of the
+    pages to read, all Chinese by the index's primary-language rule. A record that cannot be read is counted in
+    `read_errors` (first error in `read_error`); the others still come. `pages_total`: the HTML captures of the
+    file according to the index (the full scan's pages_total), when known.
+    """
+    from tasks.io.cc import RangeStats
+    from tasks.io.warc import read_records_at
+
+    stats = _new_stats()
+    range_stats = RangeStats()
+    ranges = list(zip(selected["warc_record_offset"].astype("int64"), selected["warc_record_length"].astype("int64"),
+                      strict=True))
+    charsets = dict(zip(selected["warc_record_offset"].astype("int64"), selected["content_charset"], strict=True))
+
+    def pages() -> Iterator[_Page]:
+        for offset, rec, payload, error in read_records_at(path, ranges, cc, range_stats, config.backend):
+            stats["records"] += 1
+            if error is not None:
+                stats["read_errors"] += 1
+                stats.setdefault("read_error", error[:300])
+                continue
+            meta = {"charset-detected": charsets.get(offset)} if isinstance(charsets.get(offset), str) else None
+            yield _Page(rec, payload, meta=meta, chinese=True)
+
+    rows: list[tuple] = []
+    _collect(pages(), path, config, stats, snapshot, rows)
+    if pages_total is not None:
+        stats["pages_total"] = int(pages_total)
+    stats["bytes_read"] = range_stats.bytes_read
+    stats["bytes_selected"] = range_stats.bytes_selected
+    return ExtractResult(_frame(rows, stats), _replay_frame([]), stats)
+
+
+def _frame(rows: list[tuple], stats: dict) -> pd.DataFrame:
     stats["img_elements"] = len(rows)
-    cand = pd.DataFrame(rows, columns=list(_COLUMNS))
-    cand = cand.astype(_COLUMNS)
+    cand = pd.DataFrame.from_records(rows, columns=list(_COLUMNS)) if rows else pd.DataFrame(columns=list(_COLUMNS))
+    return cand.astype(_COLUMNS)
+
+
+def _replay_frame(replay: list[tuple]) -> pd.DataFrame:
     rep = pd.DataFrame(replay, columns=["url", "warc_file", "offset", "status"])
     rep = rep.dropna(subset=["url"]).astype({"url": "str", "warc_file": "str", "offset": "int64"})
     rep["status"] = rep["status"].astype("Int64")
-    stats.pop("snapshot", None)
-    return ExtractResult(cand, rep, stats)
+    return rep
 
 
 _COLUMNS = {
     "key": "str", "url": "str", "alt_text": "str", "page_url": "str", "page_host": "str",
     "image_host": "str", "snapshot": "str", "warc_file": "str", "warc_offset": "int64",
-    "warc_date": "str", "src": "str", "drop_reason": "str",
+    "warc_date": "str", "src": "str", "src_attr": "str", "title": "str", "drop_reason": "str",
 }
+_NO_SRC, _BAD_URL, _SVG_R, _PIXEL, _DUP = (f"{STAGE}.{r}" for r in ("no_src", "bad_url", "svg", "tracking_pixel",
+                                                                  "duplicate"))
 
 
-def _page_candidates(page: _Page, tree: LexborHTMLParser, snapshot: str, path: str) -> Iterator[dict]:
+def _page_candidates(page: _Page, tree: LexborHTMLParser, snapshot: str, path: str, config: ExtractConfig,
+                     rows: list[tuple]) -> None:
+    """Append one row per <img> of the page: rules that need no URL first, then resolution (the costly part)."""
     page_url = page.rec.uri or ""
     base = page_url
     base_node = tree.css_first("base[href]")
     if base_node is not None:
         href = resolve_src(base_node.attributes.get("href") or "", page_url)
         base = href or page_url
+    resolver = _Resolver(base)
+    page_host = _host(page_url)
+    offset, date = page.rec.offset, page.rec.date
     seen: set[str] = set()
+    title_as_alt = config.title_as_alt
     for node in tree.css("img"):
         attrs = node.attributes
-        src = attrs.get("src")
+        raw, attr = choose_src(attrs, config)
         alt = attrs.get("alt")
-        reason = None
-        url = None
-        if src is None or not src.strip():
-            reason = f"{STAGE}.no_src"
+        title = attrs.get("title")
+        if alt is None and title_as_alt:
+            alt = title
+        url, host, reason = None, "", None
+        if raw is None or not raw.strip():
+            reason = _NO_SRC
+        elif config.max_pixel_side > 0 and is_tracking_pixel(attrs, config):
+            reason = _PIXEL
         else:
-            url = resolve_src(src, base)
+            url, host = resolver(raw)
             if url is None:
-                reason = f"{STAGE}.bad_url"
+                reason = _BAD_URL
+            elif _SVG.search(urlsplit(url).path if "?" in url or "#" in url else url):
+                reason = _SVG_R
             elif url in seen:
-                reason = f"{STAGE}.duplicate"
+                reason = _DUP
             else:
                 seen.add(url)
-        yield {
-            "key": row_key(url or (src or ""), alt, page_url),
-            "url": url,
-            "alt_text": alt,
-            "page_url": page_url,
-            "page_host": _host(page_url),
-            "image_host": _host(url) if url else "",
-            "snapshot": snapshot,
-            "warc_file": path,
-            "warc_offset": page.rec.offset,
-            "warc_date": page.rec.date,
-            "src": src,
-            "drop_reason": reason,
-        }
+        rows.append((row_key(url or (raw or ""), alt, page_url), url, alt, page_url, page_host, host, snapshot,
+                     path, offset, date, attrs.get("src"), attr, title, reason))

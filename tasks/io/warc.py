@@ -41,10 +41,17 @@ class Record:
     status: int | None     # HTTP status of a response record
     mime: str | None       # HTTP Content-Type without parameters, lower-case
     charset: str | None    # HTTP Content-Type charset, lower-case
-    headers: dict[str, str]  # HTTP headers, lower-case names
+    _headers: object = None  # HTTP headers: a dict, or the reader's header map, turned into a dict when asked
     _reader: object = None
     _declared: int | None = None
     truncated: bool = False
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers with lower-case names (built on first use: most records never need them)."""
+        if not isinstance(self._headers, dict):
+            self._headers = {k.lower(): v for k, v in self._headers} if self._headers is not None else {}
+        return self._headers
 
     def read(self) -> bytes:
         """The payload (HTTP body for responses); marks the record truncated when the file ends early."""
@@ -106,31 +113,40 @@ def iter_member_records(data: bytes, offset: int, source: str = "", backend: str
         raise OSError(f"{where}: no WARC record in {len(data)} bytes")
 
 
+_FAST_NAMES: dict[int, str] = {}
+if HAVE_FASTWARC:
+    _FAST_NAMES = {int(t): n for t, n in ((_FastType.warcinfo, "warcinfo"), (_FastType.response, "response"),
+                                          (_FastType.metadata, "metadata"), (_FastType.resource, "resource"))}
+
+
 def _iter_fast(fh, path: str) -> Iterator[Record]:
-    # WarcRecordType is neither hashable nor named: compare by equality
-    names = [(_FastType.warcinfo, "warcinfo"), (_FastType.response, "response"),
-             (_FastType.metadata, "metadata"), (_FastType.resource, "resource")]
     kinds = _FastType.warcinfo | _FastType.response | _FastType.metadata | _FastType.resource
-    # quirks_mode: ClueWeb-era WARCs end HTTP header lines with a bare LF, which the strict parser misreads
+    names = _FAST_NAMES
+    # quirks_mode: ClueWeb-era WARCs end HTTP header lines with a bare LF, which the strict parser misreads.
+    # This loop runs once per record of ~1 GB files: only what every record needs is read here.
     for rec in _guarded(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True), path):
         h = rec.headers
-        is_http = rec.is_http and rec.http_headers is not None
-        encoded = is_http and any(rec.http_headers.get(n) for n in ("Transfer-Encoding", "Content-Encoding"))
-        mime, charset = _split_type(rec.http_headers.get("Content-Type")) if is_http else (None, None)
-        if not is_http:
-            mime = _split_type(h.get("Content-Type"))[0] if rec.record_type != _FastType.response else None
+        http = rec.http_headers if rec.is_http else None
+        kind = names[int(rec.record_type)]
+        if http is not None:
+            encoded = http.get("Transfer-Encoding") or http.get("Content-Encoding")
+            mime, charset = _split_type(http.get("Content-Type"))
+            status = http.status_code
+        else:
+            encoded, charset, status = None, None, None
+            mime = _split_type(h.get("Content-Type"))[0] if kind != "response" else None
         yield Record(
-            type=next(n for t, n in names if t == rec.record_type),
+            type=kind,
             uri=_bare_uri(h.get("WARC-Target-URI")),
             offset=rec.stream_pos,
             date=h.get("WARC-Date"),
-            record_id=h.get("WARC-Record-ID"),
-            concurrent_to=h.get("WARC-Concurrent-To"),
-            status=rec.http_headers.status_code if is_http else None,
+            record_id=rec.record_id,
+            concurrent_to=h.get("WARC-Concurrent-To") if kind == "metadata" else None,
+            status=status,
             mime=mime,
             charset=charset,
-            headers={k.lower(): v for k, v in rec.http_headers} if is_http else {},
-            _reader=_decoding(rec.reader, rec.http_headers) if encoded else rec.reader,
+            _headers=http,
+            _reader=_decoding(rec.reader, http) if encoded else rec.reader,
             _declared=None if encoded else rec.content_length,  # a decoded size says nothing about truncation
         )
 
@@ -202,7 +218,7 @@ def _iter_warcio(fh, path: str) -> Iterator[Record]:
             status=status,
             mime=mime,
             charset=charset,
-            headers={k.lower(): v for k, v in http.headers} if http is not None else {},
+            _headers={k.lower(): v for k, v in http.headers} if http is not None else {},
             _reader=rec.content_stream(),
             _declared=declared if declared >= 0 else None,
         )
