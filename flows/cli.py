@@ -18,10 +18,22 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="danqing", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="curate WARC files into a dataset (default: the sample crawl)")
-    run.add_argument("--warc", nargs="+", metavar="PATH", help="WARC files (default: the sample crawl)")
+    run.add_argument("--warc", nargs="+", metavar="PATH",
+                     help="WARC files: paths or http(s)/s3 URLs; with --snapshot, names from its listing "
+                          "(default: the sample crawl)")
     run.add_argument("--out", default=DEFAULT_OUT, help=f"output root (default {DEFAULT_OUT})")
     run.add_argument("--run-id", help="run id (default: derived from the inputs, so a re-run resumes)")
-    run.add_argument("--snapshot", help="crawl snapshot name (default: the WARC's isPartOf)")
+    run.add_argument("--snapshot", metavar="CC-MAIN-YYYY-WW",
+                     help="curate WARC files of this Common Crawl snapshot (with local --warc files: only the name "
+                          "recorded; default: the WARC's isPartOf)")
+    run.add_argument("--warc-limit", type=int, metavar="N", help="with --snapshot: this many of its WARC files")
+    run.add_argument("--warc-offset", type=int, default=0, metavar="N",
+                     help="with --snapshot: skip this many WARC files of its listing first")
+    run.add_argument("--select", choices=["scan", "index"], default="scan",
+                     help="scan: read whole WARC files; index: read only the Chinese HTML records that Common "
+                          "Crawl's columnar index points to, by byte range (needs --snapshot)")
+    run.add_argument("--cc-base-url", metavar="URL",
+                     help="one server holding collinfo.json and crawl-data/, instead of Common Crawl's hosts")
     run.add_argument("--fetcher", choices=["http", "replay"],
                      help="http: fetch images from the web; replay: serve them from the WARCs "
                           "(default: replay for the sample crawl, http otherwise)")
@@ -53,13 +65,14 @@ def cmd_run(args) -> int:
     warcs = args.warc
     fetcher = args.fetcher
     config = load_thresholds(args.thresholds) if args.thresholds else {}  # a bad file fails before any work
-    if not warcs:
+    if not warcs and not args.snapshot:
         crawl = _sample(out / "sample-crawl")
         warcs = [str(p) for p in crawl.warcs]
         fetcher = fetcher or "replay"
         print(f"sample crawl: {len(warcs)} WARC files in {out / 'sample-crawl'}")
     params = CurateParams(
-        warcs=warcs, out=str(out), run_id=args.run_id, snapshot=args.snapshot, fetcher=fetcher or "http",
+        warcs=warcs or [], out=str(out), run_id=args.run_id, snapshot=args.snapshot, fetcher=fetcher or "http",
+        warc_limit=args.warc_limit, warc_offset=args.warc_offset, select=args.select, cc_base_url=args.cc_base_url,
         models={r: getattr(args, f"{r}_model") for r in ROLES if getattr(args, f"{r}_model")},
         config=config,
         lancedb=args.lancedb, gpu_slots=args.gpu_slots,

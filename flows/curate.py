@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from flows import steps
 from flows.report import prepare_report
 from flows.runtime import ensure_gpu_limit, task_runner
-from flows.settings import CurateParams, LocalClusterSpec, check_config
+from flows.settings import CurateParams, LocalClusterSpec, build_config, check_config, config_dict
 from tasks.io import shards
 
 STEP_ORDER = (*steps.STEPS, "write")  # the shard steps in pipeline order, then the dataset writer
@@ -26,20 +26,53 @@ def derive_run_id(warcs: list[str], snapshot: str | None) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', stem)[:40]}-{digest}"
 
 
-def check_inputs(params: CurateParams) -> None:
-    """The cheap checks that can fail before anything starts: inputs, settings, role names."""
+def cc_config(params: CurateParams):
+    """How Common Crawl is reached: the `cc` settings, with --cc-base-url as both of its hosts."""
+    values = dict(params.config.get("cc") or {})
+    if params.cc_base_url:
+        base = params.cc_base_url.rstrip("/")
+        values.update(index_base=base, data_base=base)
+    return build_config("cc", values)
+
+
+def _local_or_url(warcs: list[str]) -> bool:
+    return bool(warcs) and all("://" in w or Path(w).is_file() for w in warcs)
+
+
+def resolve_warcs(params: CurateParams) -> list[str]:
+    """The WARC files of the run. With a snapshot (and no local files) they come from its listing, picked by
+    explicit names or limit/offset; the snapshot id is checked against Common Crawl's list first."""
+    from tasks.io import cc as cc_source
+
+    if params.select == "index" and not params.snapshot:
+        raise ValueError("--select index needs --snapshot: the columnar index is per crawl snapshot")
+    if params.snapshot and not _local_or_url(params.warcs):
+        cc = cc_config(params)
+        cc_source.check_snapshot(params.snapshot, cc)
+        listing = cc_source.warc_paths(params.snapshot, cc)
+        return cc_source.pick(listing, params.warc_limit, params.warc_offset, params.warcs or None)
     if not params.warcs:
-        raise ValueError("no WARC input given")
-    remote = [w for w in params.warcs if "://" in w]
-    if remote:
-        raise ValueError(f"only local WARC files are read so far, not URLs: {', '.join(remote[:3])}")
-    missing = [w for w in params.warcs if not Path(w).is_file()]
+        raise ValueError("no WARC input given (WARC files, or --snapshot)")
+    missing = [w for w in params.warcs if "://" not in w and not Path(w).is_file()]
     if missing:
         raise FileNotFoundError(f"WARC input not found: {', '.join(missing)}")
+    unsupported = [w for w in params.warcs if "://" in w and not w.startswith(("http://", "https://", "s3://"))]
+    if unsupported:
+        raise ValueError(f"WARC URLs must be http(s):// or s3://: {', '.join(unsupported[:3])}")
+    start = params.warc_offset
+    return params.warcs[start:] if params.warc_limit is None else params.warcs[start:start + params.warc_limit]
+
+
+def check_inputs(params: CurateParams) -> list[str]:
+    """The cheap checks that can fail before anything starts: settings, role names, then the inputs."""
     check_config(params.config)
     unknown = sorted(set(params.models) - {"embed", "align", "tokenizer", "nsfw_image", "nsfw_text"})
     if unknown:
         raise ValueError(f"unknown model role(s) {unknown}")
+    warcs = resolve_warcs(params)
+    if not warcs:
+        raise ValueError("no WARC file selected: the offset/limit leave none")
+    return warcs
 
 
 def resolve_models(params: CurateParams) -> dict:
@@ -68,25 +101,26 @@ def _progress(enabled: bool):
 def curate_snapshot(params: CurateParams, progress: bool = False) -> dict:
     """WARC files -> Chinese image-text pairs: webdataset shards, parquet metadata, rejects and a funnel report."""
     log = get_run_logger()
-    check_inputs(params)
+    warcs = check_inputs(params)
     models = resolve_models(params)
     ensure_gpu_limit(params.gpu_slots)
-    run_id = params.run_id or derive_run_id(params.warcs, params.snapshot)
+    run_id = params.run_id or derive_run_id(warcs, params.snapshot)
     out = Path(params.out).resolve()
     run_dir = out / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     steps.clean_temp(run_dir)
     ctx = steps.RunContext(
         run_dir=str(run_dir), run_id=run_id, lancedb=params.lancedb or str(out / "lancedb"),
-        config=params.config, models=models, fetcher=params.fetcher,
+        config={**params.config, "cc": config_dict(cc_config(params))}, models=models, fetcher=params.fetcher,
         max_failure_fraction=params.max_failure_fraction, snapshot=params.snapshot,
     )
     _write_if_changed(run_dir / "run.json", {"params": params.model_dump(), "models": models, "run_id": run_id})
-    log.info("run %s: %d WARC file(s) -> %s", run_id, len(params.warcs), run_dir)
+    log.info("run %s: %d WARC file(s) -> %s", run_id, len(warcs), run_dir)
 
-    ids = steps.shard_ids(params.warcs)
+    ids = steps.shard_ids(warcs)
     futures: dict[str, list] = {}
-    futures["extract"] = [steps.extract.submit(ctx, s, w) for s, w in zip(ids, params.warcs, strict=True)]
+    selection = steps.cc_index.submit(ctx, params.snapshot, warcs) if params.select == "index" else None
+    futures["extract"] = [steps.extract.submit(ctx, s, w, selection) for s, w in zip(ids, warcs, strict=True)]
     rindex = steps.replay_index.submit(ctx, futures["extract"]) if params.fetcher == "replay" else None
     futures["source"] = [steps.source.submit(ctx, s, e) for s, e in zip(ids, futures["extract"], strict=True)]
     futures["fetch"] = [steps.fetch.submit(ctx, s, u, rindex) for s, u in zip(ids, futures["source"], strict=True)]
@@ -108,6 +142,8 @@ def curate_snapshot(params: CurateParams, progress: bool = False) -> dict:
                 reduces = {"align_band": band.result(), "lancedb": lance.result()}
                 if rindex is not None:
                     reduces["replay_index"] = rindex.result()
+                if selection is not None:
+                    reduces["cc_index"] = selection.result()
                 commit_report = prepare_report(ctx, results, reduces)
             bar_id = bar.add_task(step, total=len(ids)) if bar else None
             results[step] = []
@@ -146,7 +182,7 @@ def curate(
     """Run the flow the way the CLI does: inputs checked first, then a Prefect API and a Dask cluster."""
     from flows import runtime
 
-    check_inputs(params)  # bad paths and settings fail here, before any server or cluster starts
+    check_inputs(params)  # bad paths, snapshots and settings fail here, before any server or cluster starts
     if dask_address:
         params = params.model_copy(update={"gpu_resource": runtime.check_scheduler(dask_address)})
     out = Path(params.out)

@@ -68,8 +68,14 @@ def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], 
         stages.append(entry)
     by = {s["stage"]: s for s in stages}
     ex = results.get("extract", [])
-    for k in ("pages_total", "pages_selected", "records_truncated", "read_errors"):
+    # scan: every HTML page of the WARC files was read; index: only the records the columnar index selected
+    indexed = "cc_index" in reduces
+    for k in ("pages_total", "pages_selected", "records_truncated", "read_errors", "pages_oversize",
+              *(("bytes_read", "bytes_selected") if indexed else ())):
         by["extract"][k] = sum(m["extra"].get(k, 0) for m in ex)
+    by["extract"]["selection"] = "index" if indexed else "scan"
+    if indexed:
+        by["extract"]["index"] = reduces["cc_index"].get("extra", {})
     embed_placeholder = ctx.models["embed"][1]
     align_placeholder = ctx.models["align"][1]
     if embed_placeholder:

@@ -15,6 +15,7 @@ from tasks.embed import EmbedConfig
 from tasks.extract import ExtractConfig
 from tasks.fetch import FetchConfig
 from tasks.image import ImageConfig
+from tasks.io.cc import CCConfig
 from tasks.io.http import HttpConfig
 from tasks.io.replay import ReplayConfig
 from tasks.refine import RefineConfig
@@ -33,6 +34,7 @@ CONFIG_SECTIONS: dict[str, type] = {
     "image": ImageConfig,
     "embed": EmbedConfig,
     "align": AlignConfig,
+    "cc": CCConfig,
 }
 
 
@@ -52,10 +54,19 @@ class LocalClusterSpec(BaseModel):
 class CurateParams(BaseModel):
     """Parameters of one curation run; the Prefect UI renders them as a form."""
 
-    warcs: list[str] = Field(description="WARC files to curate (local paths)")
+    warcs: list[str] = Field(default_factory=list, description=(
+        "WARC files: local paths or http(s)/s3 URLs; with a snapshot, names from its listing (empty: all of it)"))
     out: str = Field(DEFAULT_OUT, description="output root; runs go to <out>/<run-id>")
     run_id: str | None = Field(None, description="default: derived from the inputs, so a re-run resumes")
-    snapshot: str | None = Field(None, description="crawl snapshot name; default: the WARC's isPartOf")
+    snapshot: str | None = Field(None, description=(
+        "Common Crawl snapshot id (CC-MAIN-YYYY-WW) whose WARCs to curate; with local WARC files only the "
+        "name recorded (default: the WARC's isPartOf)"))
+    warc_limit: int | None = Field(None, ge=0, description="snapshot: curate this many of its WARC files")
+    warc_offset: int = Field(0, ge=0, description="snapshot: skip this many WARC files of its listing first")
+    select: Literal["scan", "index"] = Field("scan", description=(
+        "scan: read whole WARC files; index: read only the Chinese HTML records the columnar index points to"))
+    cc_base_url: str | None = Field(None, description=(
+        "one server holding collinfo.json and crawl-data/ instead of Common Crawl's hosts (a mirror)"))
     fetcher: Literal["http", "replay"] = Field("http", description="http: the web; replay: images held in the WARCs")
     models: dict[str, str | None] = Field(default_factory=dict, description="role -> HF id, local dir, or placeholder")
     config: dict[str, dict[str, Any]] = Field(default_factory=dict, description="section -> field -> value")

@@ -22,7 +22,8 @@ from tasks import image as image_stage
 from tasks import refine as refine_stage
 from tasks import source as source_stage
 from tasks import write as write_stage
-from tasks.io import shards
+from tasks.io import cc as cc_source
+from tasks.io import ccindex, shards
 from tasks.io.http import HttpFetcher
 from tasks.io.lance import upsert_embeddings
 from tasks.io.replay import ReplayFetcher
@@ -181,15 +182,42 @@ def _read(ctx: RunContext, step: str, shard: str) -> pd.DataFrame:
 
 @task(name="extract", task_run_name="extract-{shard}", cache_policy=NO_CACHE, retries=2,
       retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def extract(ctx: RunContext, shard: str, warc: str) -> dict:
+def extract(ctx: RunContext, shard: str, warc: str, cc_index: dict | None = None) -> dict:
+    """A full scan of the WARC file, or (given the cc_index reduce) only the records the index selected."""
     cfg = ctx.cfg("extract")
+    cc = ctx.cfg("cc")  # where and how to read remote files: not part of the hash, results do not depend on it
 
     def compute():
-        res = extract_stage.extract_warc(warc, cfg, ctx.snapshot)
+        if cc_index is None:
+            res = extract_stage.extract_warc(warc, cfg, ctx.snapshot, cc)
+        else:
+            rows = pd.read_parquet(output(ctx, cc_index, ".parquet"),
+                                   filters=[("warc_filename", "==", ccindex.warc_key(warc))])
+            res = extract_stage.extract_selected(warc, rows.sort_values("warc_record_offset"), cfg, ctx.snapshot, cc)
         return res.candidates, res.stats, {".replay.parquet": res.replay}
 
-    return run_shard_step(ctx, "extract", shard, [shards.file_identity(warc), ctx.snapshot], compute,
-                          config_dict(cfg))
+    inputs = [shards.file_identity(warc), ctx.snapshot, cc_index["hash"] if cc_index else None]
+    return run_shard_step(ctx, "extract", shard, inputs, compute, config_dict(cfg))
+
+
+@task(name="cc-index", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def cc_index(ctx: RunContext, snapshot: str, warcs: list[str]) -> dict:
+    """Reduce: the columnar index rows of the Chinese HTML pages in this run's WARC files (--select index)."""
+    cc = ctx.cfg("cc")
+
+    def compute(out: Path) -> dict:
+        files = cc_source.index_paths(snapshot, cc)
+        if not files:
+            raise ValueError(f"snapshot {snapshot} lists no columnar index files (subset=warc)")
+        # one index file at a time: the whole index of a snapshot is far larger than memory
+        frames = [ccindex.select_chinese([f], warcs, cc) for f in files]
+        selected = pd.concat(frames, ignore_index=True).sort_values(["warc_filename", "warc_record_offset"])
+        shards.write_parquet(selected.reset_index(drop=True), out)
+        per_warc = selected["warc_filename"].value_counts()
+        return {"index_files": len(files), "selected": int(len(selected)),
+                "warcs_without_pages": int(sum(ccindex.warc_key(w) not in per_warc for w in warcs))}
+
+    return run_reduce(ctx, "cc_index", ".parquet", [snapshot, sorted(warcs)], compute)
 
 
 def _simple(step: str, module, fn_name: str):

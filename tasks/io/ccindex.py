@@ -62,7 +62,7 @@ def select_chinese(index_files: Iterable[str], warc_filenames: Iterable[str] | N
     this module's retries) or s3:// URLs; only the needed columns and row groups are read (filter pushdown).
     """
     cfg = cfg or CCConfig()
-    names = None if warc_filenames is None else sorted({_warc_key(w) for w in warc_filenames})
+    names = None if warc_filenames is None else sorted({warc_key(w) for w in warc_filenames})
     frames = [_select_file(path, names, cfg) for path in index_files]
     frames = [f for f in frames if f.num_rows]
     if not frames:
@@ -75,7 +75,7 @@ def _full_schema() -> pa.Schema:
     return pa.schema([*SCHEMA, *(pa.field(p, pa.string()) for p in PARTITIONS)])
 
 
-def _warc_key(name: str) -> str:
+def warc_key(name: str) -> str:
     """crawl-data/... as the index spells warc_filename, from a URL or an s3:// path ending so."""
     return name[name.index("crawl-data/"):] if "crawl-data/" in name else name
 

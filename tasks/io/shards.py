@@ -105,6 +105,9 @@ def read_parquet(path: Path) -> pd.DataFrame:
 
 
 def file_identity(path: str) -> dict:
-    """What identifies an input file cheaply: its path, size and modification time."""
+    """What identifies an input file cheaply: its path, size and modification time; a URL by itself (Common
+    Crawl's files never change once published)."""
+    if "://" in path:
+        return {"url": path}
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}

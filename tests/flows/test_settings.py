@@ -52,11 +52,14 @@ def test_run_id_is_stable_for_the_same_inputs_and_differs_for_others(tmp_path):
     assert derive_run_id([str(a)], "CC-MAIN-2024-33").startswith("CC-MAIN-2024-33-")
 
 
-def test_check_inputs_rejects_urls_and_unknown_roles(tmp_path):
+def test_check_inputs_rejects_bad_urls_and_unknown_roles(tmp_path):
     w = tmp_path / "a.warc.gz"
     w.write_bytes(b"")
-    with pytest.raises(ValueError, match="not URLs"):
-        check_inputs(CurateParams(warcs=["https://data.commoncrawl.org/x.warc.gz"]))
+    url = "https://data.commoncrawl.org/x.warc.gz"
+    assert check_inputs(CurateParams(warcs=[url, str(w)])) == [url, str(w)]  # URLs are read when the run starts
+    with pytest.raises(ValueError, match="must be http"):
+        check_inputs(CurateParams(warcs=["ftp://example.org/x.warc.gz"]))
+    assert check_inputs(CurateParams(warcs=[url, str(w)], warc_offset=1, warc_limit=1)) == [str(w)]
     with pytest.raises(ValueError, match="unknown model role"):
         check_inputs(CurateParams(warcs=[str(w)], models={"embedz": "x"}))
     with pytest.raises(FileNotFoundError):
