@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from tasks.models import TextClassifier
 
 STAGE = "source"
-RULES = ("caption_not_chinese", "text_nsfw", "blacklisted_site", "word_count")  # SPEC order: a row gets the first
+RULES = ("caption_not_chinese", "text_nsfw", "blacklisted_site", "word_count")  # SPEC's order; a row: the first failed
 _SPACE = re.compile(r"\s+")
 _LISTS = ("keyword_lists", "extra_keyword_lists", "text_nsfw_labels", "site_blacklists", "extra_site_blacklists")
 
@@ -46,7 +46,7 @@ class SourceConfig:
         for name in _LISTS:
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"source.{name} must be a list of names or paths, got {value!r}")
+                raise ValueError(f"source.{name} must be a list of strings, got {value!r}")
         if not 0.0 <= self.text_nsfw_threshold <= 1.0:
             raise ValueError(f"source.text_nsfw_threshold must be within [0, 1], got {self.text_nsfw_threshold}")
 

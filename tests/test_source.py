@@ -144,7 +144,7 @@ def test_missing_and_empty_list_files_are_errors_naming_the_path(tmp_path):
 
 
 def test_list_settings_must_be_lists():
-    with pytest.raises(ValueError, match="keyword_lists must be a list"):
+    with pytest.raises(ValueError, match="keyword_lists must be a list of strings"):
         SourceConfig(keyword_lists="adult")
     with pytest.raises(ValueError, match="text_nsfw_threshold"):
         SourceConfig(text_nsfw_threshold=1.5)
