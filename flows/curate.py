@@ -14,6 +14,7 @@ from flows.report import prepare_report
 from flows.runtime import ensure_gpu_limit, task_runner
 from flows.settings import CurateParams, LocalClusterSpec, build_config, check_config, config_dict
 from tasks.io import shards
+from tasks.source import load_lists
 
 STEP_ORDER = (*steps.STEPS, "write")  # the shard steps in pipeline order, then the dataset writer
 
@@ -66,6 +67,7 @@ def resolve_warcs(params: CurateParams) -> list[str]:
 def check_inputs(params: CurateParams) -> list[str]:
     """The cheap checks that can fail before anything starts: settings, role names, then the inputs."""
     check_config(params.config)
+    load_lists(build_config("source", params.config.get("source")))  # a missing or empty list file fails now
     unknown = sorted(set(params.models) - {"embed", "align", "tokenizer", "nsfw_image", "nsfw_text"})
     if unknown:
         raise ValueError(f"unknown model role(s) {unknown}")
@@ -77,12 +79,17 @@ def check_inputs(params: CurateParams) -> list[str]:
 
 def resolve_models(params: CurateParams) -> dict:
     """role -> (name, placeholder, source); a user-named model that cannot load raises here, before any task."""
-    from tasks.models import resolve_model
+    from tasks.models import check_text_classifier, resolve_model
 
     resolved = {}
     for role in ("embed", "align"):
         r = resolve_model(role, params.models.get(role))  # logs its own fallback warning
         resolved[role] = (r.name, r.placeholder, r.source)
+    if params.models.get("nsfw_text"):  # optional: only a named classifier joins the source stage
+        r = resolve_model("nsfw_text", params.models["nsfw_text"])
+        if not r.placeholder:
+            check_text_classifier(r, build_config("source", params.config.get("source")).text_nsfw_labels)
+            resolved["nsfw_text"] = (r.name, r.placeholder, r.source)
     for role, name in params.models.items():  # roles whose rules come later: a bad name still fails now
         if role not in resolved and name:
             resolve_model(role, name)

@@ -235,16 +235,28 @@ def _simple(step: str, module, fn_name: str):
 @task(name="source", task_run_name="source-{shard}", cache_policy=NO_CACHE)
 def source(ctx: RunContext, shard: str, upstream: dict) -> dict:
     cfg = ctx.cfg("source")
+    lists = source_stage.load_lists(cfg)
 
     def compute():
-        frame = source_stage.select_sources(_read(ctx, "extract", shard), cfg)
+        classifier = _text_classifier(ctx)
+        frame = source_stage.select_sources(_read(ctx, "extract", shard), cfg, lists, classifier)
         chinese = frame["drop_reason"].ne("source.caption_not_chinese").fillna(True)
         hist = frame.loc[chinese, "word_count"].clip(upper=HIST_MAX).value_counts().sort_index()
         counts = [int(hist.get(i, 0)) for i in range(HIST_MAX + 1)]
         return frame, {"word_count_hist": counts}, {}
 
-    return run_shard_step(ctx, "source", shard, [upstream["hash"]], compute, config_dict(cfg))
+    # The lists' contents, not only their names, and the classifier: editing either recomputes the stage.
+    config = {**config_dict(cfg), "lists": lists.fingerprint, "nsfw_text": ctx.models.get("nsfw_text")}
+    return run_shard_step(ctx, "source", shard, [upstream["hash"]], compute, config)
 
+
+def _text_classifier(ctx: RunContext):
+    """The nsfw_text model when the run names one (loaded once per worker process), else None."""
+    if "nsfw_text" not in ctx.models:
+        return None
+    from tasks.models import load_text_classifier
+
+    return load_text_classifier(_resolved(ctx, "nsfw_text"))
 
 
 refine = task(name="refine", task_run_name="refine-{shard}", cache_policy=NO_CACHE)(

@@ -492,7 +492,51 @@ def _build() -> _Builder:
         imgs = [b.good("png", fmt="PNG", size=(200, 220)) if stem == "yecan" and j == 2 else b.good()
                 for j in range(4 + k % 2)]
         b.page(2, f"{zh}/travel/2025/04/{stem}.html", imgs)
+    _source_filter_cases(b, zh)
     return b
+
+
+# --- stage-1 safety and site cases -------------------------------------------------------------------------
+# Kept apart from the extraction cases above and drawn after them, so their images stay byte-identical.
+# The hosts below are covered by the default site list (tasks/data/blacklist/sites.txt) through their
+# parent domains; their pairs are dropped before any fetch, so nothing is ever asked of them.
+_BLACKLISTED_PAGE = "https://cn.pornhub.com/ziyuan/2025/04/jiejing.html"
+_BLACKLISTED_IMAGE_HOST = "img.xvideos.com"
+# Ordinary scenes that mention a phrase from the built-in adult list (tasks/data/lexicons/adult.txt).
+_NSFW_CAPTIONS = [
+    "深夜的老街巷口，电线杆上贴着色情网站的小广告，几位志愿者正在把它们一张张撕下来",
+    # Full-width Latin: NFKC turns it into the listed "av女优".
+    "旧书摊上堆着几本过期的杂志，封面印着ＡＶ女优的大幅照片，摊主正在低头整理",
+    # Double-escaped, as some CMSs write it: only the caption normaliser's unescaping reveals "成人电影".
+    "雨后的小城街头，一块广告牌上写着&amp;#x6210;人电影通宵放映，行人撑着伞匆匆走过",
+]
+
+
+def _source_filter_cases(b: _Builder, zh: str) -> None:
+    """Pairs that stage 1's text_nsfw and blacklisted_site rules drop, and SPEC's rule order on one page."""
+
+    def small(host: str = "") -> str:  # dropped before fetching: small images keep the sample small
+        return b.serve(b.image_url(host), _encode(b.pixels((128, 112)), quality=60))
+
+    b.page(2, f"{zh}/life/2025/04/xiaoguanggao.html", [
+        _Img(small(), _NSFW_CAPTIONS[0], "source.text_nsfw", "nsfw_keyword"),
+        _Img(small(), _NSFW_CAPTIONS[1], "source.text_nsfw", "nsfw_keyword_fullwidth"),
+        b.good(size=(200, 200)),
+        _Img(small(_BLACKLISTED_IMAGE_HOST), b.caption(), "source.blacklisted_site", "blacklisted_image_host"),
+        _Img(small(), _NSFW_CAPTIONS[2], "source.text_nsfw", "nsfw_keyword_entity"),
+    ])
+    page_host = _BLACKLISTED_PAGE.split("/")[2]
+    b.page(2, _BLACKLISTED_PAGE, [
+        _Img(small(page_host), b.caption(), "source.blacklisted_site", "blacklisted_page_host"),
+        # Each of these fails several rules; the first in SPEC's order names the drop.
+        _Img(small(page_host), "Street lights along the old harbour after the rain", "source.caption_not_chinese",
+             "order_not_chinese_first"),
+        _Img(small(page_host), _NSFW_CAPTIONS[0].replace("老街巷口", "地铁站口"), "source.text_nsfw",
+             "order_nsfw_before_site"),
+        _Img(small(page_host), b.caption(), "source.blacklisted_site", "blacklisted_page_host"),
+        _Img(small(page_host), "街景", "source.blacklisted_site", "order_site_before_word_count"),
+        _Img(small(page_host), b.caption(), "source.blacklisted_site", "blacklisted_page_host"),
+    ], case="blacklisted_page_host")
 
 
 def _junk_bytes() -> bytes:
@@ -564,7 +608,8 @@ class _WarcFile:
         info = (
             f"isPartOf: {SAMPLE_SNAPSHOT}\r\n"
             "publisher: danqing (generated sample crawl)\r\n"
-            "description: Deterministic offline sample for danqing run; every host is under .test\r\n"
+            "description: Deterministic offline sample for danqing run; every host is under .test but those"
+            " of the blacklisted-site cases, whose pairs are dropped before any fetch\r\n"
             "software: danqing tasks.sample\r\n"
             "format: WARC File Format 1.0\r\n"
         ).encode()

@@ -1,4 +1,4 @@
-"""Stage source (stage 1, coarse): the caption must be Chinese and 5-60 jieba words long."""
+"""Stage source (stage 1, coarse): a Chinese caption, no NSFW text, no blacklisted site, 5-60 jieba words."""
 
 from __future__ import annotations
 
@@ -8,14 +8,21 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from tasks.lexicon import Lexicon
+from tasks.sites import SiteBlacklist
 from tasks.text import is_mostly_chinese
 
+if TYPE_CHECKING:
+    from tasks.models import TextClassifier
+
 STAGE = "source"
-RULES = ("caption_not_chinese", "word_count")  # text_nsfw and blacklisted_site come with the source issue
+RULES = ("caption_not_chinese", "text_nsfw", "blacklisted_site", "word_count")  # SPEC's order; a row: the first failed
 _SPACE = re.compile(r"\s+")
+_LISTS = ("keyword_lists", "extra_keyword_lists", "text_nsfw_labels", "site_blacklists", "extra_site_blacklists")
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,43 @@ class SourceConfig:
     max_words: int = 60  # paper: words <= 60
     min_han_share: float = 0.5  # caption units that must be Han characters (a Latin word is one unit)
     max_kana_share: float = 0.05  # more kana than this among CJK characters means Japanese
+    # text_nsfw: keyword lists are built-in names (adult, ads, political, territorial) or UTF-8 files, one
+    # keyword a line. Stage 1 drops adult text; ads, political and territorial are stage 2's safety rule.
+    keyword_lists: tuple[str, ...] = ("adult",)  # replaces the default; () turns keywords off
+    extra_keyword_lists: tuple[str, ...] = ()  # added to keyword_lists
+    # The optional classifier is the nsfw_text model role (--nsfw-text-model); none by default.
+    text_nsfw_labels: tuple[str, ...] = ("nsfw",)  # classifier labels (any case) that count as unsafe
+    text_nsfw_threshold: float = 0.5  # drop when an unsafe label's probability is at least this
+    # blacklisted_site: built-in "sites" or files of domains, one a line; a domain covers its subdomains
+    site_blacklists: tuple[str, ...] = ("sites",)  # replaces the default; () turns the default off
+    extra_site_blacklists: tuple[str, ...] = ()  # added to site_blacklists
+
+    def __post_init__(self) -> None:
+        for name in _LISTS:
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"source.{name} must be a list of strings, got {value!r}")
+        if not 0.0 <= self.text_nsfw_threshold <= 1.0:
+            raise ValueError(f"source.text_nsfw_threshold must be within [0, 1], got {self.text_nsfw_threshold}")
+
+
+@dataclass(frozen=True)
+class SourceLists:
+    """The keyword lists and site blacklists a config names, read once per shard."""
+
+    keywords: Lexicon
+    sites: SiteBlacklist
+
+    @property
+    def fingerprint(self) -> dict:
+        """Of the lists' contents: part of the step's hash, so editing a list file recomputes the stage."""
+        return {"keywords": self.keywords.fingerprint, "sites": self.sites.fingerprint}
+
+
+def load_lists(config: SourceConfig) -> SourceLists:
+    """The config's lists; a missing or empty list file is an error naming its path."""
+    return SourceLists(Lexicon.load(config.keyword_lists + config.extra_keyword_lists),
+                       SiteBlacklist.load(config.site_blacklists + config.extra_site_blacklists))
 
 
 @lru_cache(maxsize=1)
@@ -49,8 +93,14 @@ def count_words(text: str) -> int:
     return sum(1 for t in _jieba().lcut(text) if _is_word(t))
 
 
-def select_sources(frame: pd.DataFrame, config: SourceConfig = SourceConfig()) -> pd.DataFrame:
-    """Annotate candidates: alt_norm, word_count, and drop_reason for those that fail a rule."""
+def select_sources(frame: pd.DataFrame, config: SourceConfig = SourceConfig(), lists: SourceLists | None = None,
+                   classifier: TextClassifier | None = None) -> pd.DataFrame:
+    """Annotate candidates: alt_norm, word_count, and drop_reason (the first rule, in RULES order, that fails).
+
+    ``lists`` defaults to the config's (read here); ``classifier`` is the optional nsfw_text model, asked
+    only about Chinese captions that no keyword caught.
+    """
+    lists = lists or load_lists(config)
     out = frame.copy()
     norm = out["alt_text"].map(normalise_alt)
     out["alt_norm"] = norm.astype("str")
@@ -58,9 +108,32 @@ def select_sources(frame: pd.DataFrame, config: SourceConfig = SourceConfig()) -
     words = pd.Series(0, index=out.index, dtype="int64")
     words[chinese] = norm[chinese].map(count_words).astype("int64")
     out["word_count"] = words
+    nsfw = _nsfw(norm, chinese, config, lists.keywords, classifier)
+    listed = lists.sites.mask(_hosts(out, "page_host", "page_url")) | lists.sites.mask(_hosts(out, "image_host", "url"))
+    bad_len = (words < config.min_words) | (words > config.max_words)
     reason = pd.Series(pd.NA, index=out.index, dtype="str")
-    reason[~chinese] = f"{STAGE}.caption_not_chinese"
-    bad_len = chinese & ((words < config.min_words) | (words > config.max_words))
-    reason[bad_len] = f"{STAGE}.word_count"
+    # Assigned last rule first, so each row ends with the first rule it fails.
+    for rule, failed in reversed([("caption_not_chinese", ~chinese), ("text_nsfw", chinese & nsfw),
+                                  ("blacklisted_site", chinese & listed), ("word_count", chinese & bad_len)]):
+        reason[failed] = f"{STAGE}.{rule}"
     out["drop_reason"] = reason
     return out
+
+
+def _nsfw(norm: pd.Series, chinese: pd.Series, config: SourceConfig, keywords: Lexicon,
+          classifier: TextClassifier | None) -> pd.Series:
+    hit = pd.Series(False, index=norm.index, dtype=bool)
+    hit[chinese] = keywords.hits(norm[chinese])["keyword"].notna()
+    ask = chinese & ~hit
+    if classifier is not None and ask.any():
+        scores = classifier.unsafe_scores(norm[ask].tolist(), config.text_nsfw_labels)
+        hit[ask] = scores >= config.text_nsfw_threshold
+    return hit
+
+
+def _hosts(frame: pd.DataFrame, host_column: str, url_column: str) -> pd.Series:
+    """The host column, else the URL column (the blacklist reduces a URL to its host); else no hosts."""
+    for column in (host_column, url_column):
+        if column in frame.columns:
+            return frame[column]
+    return pd.Series("", index=frame.index, dtype="str")

@@ -29,6 +29,10 @@ SPEC_REASONS = {f"{stage}.{r}" for stage, reasons in REASONS.items() for r in re
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _HAN = re.compile(r"[\u4e00-\u9fff]")
 _LATIN = re.compile(r"[A-Za-z]+")
+SOURCE_FILTER_CASES = {  # stage 1's safety and site rules, and their order on a page that fails several
+    "nsfw_keyword", "nsfw_keyword_fullwidth", "nsfw_keyword_entity", "blacklisted_page_host",
+    "blacklisted_image_host", "order_not_chinese_first", "order_nsfw_before_site", "order_site_before_word_count",
+}
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +201,9 @@ def test_every_reason_is_a_spec_name_and_every_case_is_present(manifest):
     imgs = [m for m in manifest if m["kind"] == "img"]
     assert {m["expected"] for m in imgs} <= SPEC_REASONS | {"kept"}
     assert {
-        "extract.no_src", "extract.bad_url", "extract.duplicate", "source.caption_not_chinese",
-        "source.word_count", "fetch.http_error", "fetch.not_image", "fetch.decode_error", "image.geometry",
+        "extract.no_src", "extract.bad_url", "extract.duplicate", "source.caption_not_chinese", "source.text_nsfw",
+        "source.blacklisted_site", "source.word_count", "fetch.http_error", "fetch.not_image", "fetch.decode_error",
+        "image.geometry",
     } <= {m["expected"] for m in imgs}
     expected_cases = {
         "good", "gbk", "traditional", "no_src", "data_uri", "javascript_src", "duplicate_src", "relative_src",
@@ -207,6 +212,7 @@ def test_every_reason_is_a_spec_name_and_every_case_is_present(manifest):
         "missing_record", "http_404", "html_as_image", "random_bytes", "truncated_jpeg", "tiny_80x80",
         "wide_640x100", "narrow_100x300", "boundary_450x150", "duplicate_image", "near_duplicate_image",
         "png", "image_in_other_warc", "no_metadata_page", "uppercase_tag",
+        *SOURCE_FILTER_CASES,
     }
     assert expected_cases <= {m["case"] for m in imgs}
     assert 140 <= len(imgs) <= 170
@@ -226,11 +232,11 @@ def _words(text: str) -> tuple[int, int]:
 def test_captions_sit_clearly_inside_or_outside_the_rules(manifest):
     for m in (m for m in manifest if m["kind"] == "img"):
         alt = html.unescape(m["alt_text"] or "")
-        if m["case"] in ("english_alt", "empty_alt", "missing_alt"):
+        if m["case"] in ("english_alt", "empty_alt", "missing_alt", "order_not_chinese_first"):
             assert not _HAN.search(alt)
         elif m["case"] == "japanese_alt":
             assert _KANA.search(alt)
-        elif m["case"] == "too_few_words":
+        elif m["case"] in ("too_few_words", "order_site_before_word_count"):
             assert _words(alt)[1] in (1, 2, 3)
         elif m["case"] == "too_many_words":
             assert _words(alt)[0] >= 90
@@ -251,6 +257,23 @@ def _laplacian_var(grey: np.ndarray) -> float:
     g = grey.astype(np.float64)
     p = np.pad(g, 1, mode="reflect")  # OpenCV's default border, BORDER_REFLECT_101
     return float((p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * g).var())
+
+
+def test_source_filter_cases_fire_under_the_default_lists(manifest):
+    """Each case's caption or host is caught by the default lists, as loaded by the stage itself."""
+    from tasks.source import SourceConfig, load_lists, normalise_alt
+
+    lists = load_lists(SourceConfig())
+    imgs = [m for m in manifest if m["kind"] == "img" and m["case"] in SOURCE_FILTER_CASES]
+    assert {m["case"] for m in imgs} == SOURCE_FILTER_CASES
+    for m in imgs:
+        nsfw = lists.keywords.find(normalise_alt(m["alt_text"])) is not None
+        listed = lists.sites.listed(m["page_url"]) or lists.sites.listed(m["url"])
+        assert nsfw == m["case"].startswith(("nsfw", "order_nsfw")), m
+        assert listed == (not m["case"].startswith("nsfw")), m  # the order cases sit on a blacklisted page
+    others = [m for m in manifest if m["kind"] == "img" and m["case"] not in SOURCE_FILTER_CASES and m["url"]]
+    assert not any(lists.keywords.find(normalise_alt(m["alt_text"])) for m in others)
+    assert not any(lists.sites.listed(m["page_url"]) or lists.sites.listed(m["url"]) for m in others)
 
 
 def _thumb(im: Image.Image) -> np.ndarray:

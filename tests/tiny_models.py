@@ -1,4 +1,4 @@
-"""Builds tiny random-weight SigLIP, SigLIP2 and Chinese-CLIP checkpoints offline, for tests only.
+"""Builds tiny random-weight SigLIP, SigLIP2, Chinese-CLIP and BERT-classifier checkpoints offline, for tests only.
 
 The weights are random placeholders: they exercise the real transformers loading, tokenizer and
 image-processor code, and judge nothing (random weights even collapse distinct images together).
@@ -100,7 +100,7 @@ def build_tiny_siglip(directory: str | Path) -> Path:
 
 def build_tiny_chinese_clip(directory: str | Path) -> Path:
     """A tiny Chinese-CLIP checkpoint (``ChineseCLIPModel``, ``BertTokenizer``); random weights, judge nothing."""
-    from transformers import BertTokenizer, ChineseCLIPConfig, ChineseCLIPModel
+    from transformers import ChineseCLIPConfig, ChineseCLIPModel
     from transformers.models.chinese_clip.configuration_chinese_clip import (
         ChineseCLIPTextConfig,
         ChineseCLIPVisionConfig,
@@ -108,17 +108,9 @@ def build_tiny_chinese_clip(directory: str | Path) -> Path:
     from transformers.models.chinese_clip.image_processing_pil_chinese_clip import ChineseCLIPImageProcessorPil
 
     root = _fresh(directory)
-    characters = sorted({c for line in _training_text() for c in line if not c.isspace()} - {UNSEEN_CHAR})
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *(f"##{c}" for c in letters)]
-    vocab += sorted({word for line in ENGLISH for word in line.split()} - set(vocab))
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    # transformers 5: BertTokenizer(vocab_file=...) silently ignores the file and maps every token to
-    # [UNK]; from_pretrained on the directory (or vocab=path) reads it.
-    tokenizer = BertTokenizer.from_pretrained(root)
-    tokenizer.save_pretrained(root)
+    vocab_size = _bert_tokenizer(root)
     config = ChineseCLIPConfig(
-        text_config=ChineseCLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=64, **_tower()),
+        text_config=ChineseCLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=64, **_tower()),
         vision_config=ChineseCLIPVisionConfig(image_size=32, patch_size=16, projection_dim=16, **_tower()),
         projection_dim=16,
     )
@@ -126,6 +118,46 @@ def build_tiny_chinese_clip(directory: str | Path) -> Path:
     square = {"height": 32, "width": 32}
     ChineseCLIPImageProcessorPil(size=square, crop_size=square).save_pretrained(root)
     return root
+
+
+def build_tiny_text_classifier(directory: str | Path, labels: tuple[str, ...] = ("safe", "nsfw"),
+                               bias: dict[str, float] | None = None, multi_label: bool = False) -> Path:
+    """A tiny ``BertForSequenceClassification`` with a character ``BertTokenizer``; random weights, judge nothing.
+
+    ``bias`` is added to the head's bias per label, so a test can make one label win for every text.
+    """
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    root = _fresh(directory)
+    config = BertConfig(
+        vocab_size=_bert_tokenizer(root), max_position_embeddings=64, id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        problem_type="multi_label_classification" if multi_label else "single_label_classification", **_tower(),
+    )
+    _save_model(BertForSequenceClassification, config, root)
+    if bias:
+        model = BertForSequenceClassification.from_pretrained(root)
+        with torch.no_grad():
+            for label, value in bias.items():
+                model.classifier.bias[labels.index(label)] += value
+        model.save_pretrained(root)
+    return root
+
+
+def _bert_tokenizer(root: Path) -> int:
+    """A character vocabulary (plus a few English words) and its BertTokenizer saved in ``root``; its size."""
+    from transformers import BertTokenizer
+
+    characters = sorted({c for line in _training_text() for c in line if not c.isspace()} - {UNSEEN_CHAR})
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *(f"##{c}" for c in letters)]
+    vocab += sorted({word for line in ENGLISH for word in line.split()} - set(vocab))
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    # transformers 5: BertTokenizer(vocab_file=...) silently ignores the file and maps every token to
+    # [UNK]; from_pretrained on the directory (or vocab=path) reads it.
+    BertTokenizer.from_pretrained(root).save_pretrained(root)
+    return len(vocab)
 
 
 def _save_siglip(root: Path, vocab_size: int, ids: dict) -> None:

@@ -53,10 +53,10 @@ def _fates(run_dir: Path) -> tuple[dict[str, str], pd.DataFrame]:
 
 def test_sample_run_report_follows_the_contract(sample_run):
     run_dir = Path(sample_run["run_dir"])
-    check_report(run_dir / "report.json", "--kept-all")
+    check_report(run_dir / "report.json", "--kept-all", "--complete", "source", "--fired", "source")
     report = json.loads((run_dir / "report.json").read_text())
     stages = {s["stage"]: s for s in report["stages"]}
-    assert stages["extract"]["pages_total"] == 36 and stages["extract"]["pages_selected"] == 31
+    assert stages["extract"]["pages_total"] == 38 and stages["extract"]["pages_selected"] == 33
     assert stages["image"]["placeholder_model"] and stages["align"]["placeholder_model"]
     assert set(stages["refine"]["not_run"]) == {f"refine.{r}" for r in
                                                 ("lid", "stop_words", "no_noun", "unk_tokens", "low_entropy",
@@ -141,6 +141,25 @@ def test_rerun_rewrites_nothing_and_a_threshold_change_recomputes_downstream(sam
     image = {s["stage"]: s for s in changed["report"]["stages"]}["image"]
     assert image["dropped"]["image.geometry"] > {s["stage"]: s for s in sample_run["report"]["stages"]}["image"][
         "dropped"]["image.geometry"]
+
+
+def test_editing_a_list_file_recomputes_the_source_step(sample_crawl, tmp_path):
+    """The step hash holds the lists' contents: same path, new contents, new result."""
+    from flows import steps
+
+    words = tmp_path / "words.txt"
+    words.write_text("草地\n", encoding="utf-8")
+    ctx = steps.RunContext(run_dir=str(tmp_path / "run"), run_id="lists", lancedb=str(tmp_path / "lancedb"),
+                           config={"source": {"extra_keyword_lists": [str(words)]}})
+    extract = steps.extract.fn(ctx, "00000", str(sample_crawl.warcs[0]))
+    first = steps.source.fn(ctx, "00000", extract)
+    marker = steps.marker_path(ctx, "source", "00000")
+    written = marker.stat().st_mtime_ns
+    assert steps.source.fn(ctx, "00000", extract) == first and marker.stat().st_mtime_ns == written  # reused
+    words.write_text("草地\n湖面\n", encoding="utf-8")
+    second = steps.source.fn(ctx, "00000", extract)
+    assert second["hash"] != first["hash"]
+    assert second["dropped"]["source.text_nsfw"] > first["dropped"]["source.text_nsfw"] > 0
 
 
 def test_interrupted_run_resumes_to_identical_output(sample_run, sample_crawl, tmp_path, monkeypatch):

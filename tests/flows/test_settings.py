@@ -64,3 +64,35 @@ def test_check_inputs_rejects_bad_urls_and_unknown_roles(tmp_path):
         check_inputs(CurateParams(warcs=[str(w)], models={"embedz": "x"}))
     with pytest.raises(FileNotFoundError):
         check_inputs(CurateParams(warcs=[str(tmp_path / "missing.warc.gz")]))
+
+
+def test_check_inputs_fails_on_a_missing_or_empty_list_file_before_any_work(tmp_path):
+    w = tmp_path / "a.warc.gz"
+    w.write_bytes(b"")
+    missing = str(tmp_path / "my-keywords.txt")
+    with pytest.raises(FileNotFoundError, match="my-keywords.txt"):
+        check_inputs(CurateParams(warcs=[str(w)], config={"source": {"extra_keyword_lists": [missing]}}))
+    sites = tmp_path / "sites.txt"
+    sites.write_text("# nothing yet\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="sites.txt.*holds no entries"):
+        check_inputs(CurateParams(warcs=[str(w)], config={"source": {"site_blacklists": [str(sites)]}}))
+
+
+def test_a_named_text_classifier_is_checked_before_any_work(tmp_path):
+    from tiny_models import build_tiny_text_classifier
+
+    from flows.curate import resolve_models
+    from tasks.models import ModelLoadError
+
+    w = tmp_path / "a.warc.gz"
+    w.write_bytes(b"")
+    base = {"warcs": [str(w)], "models": {"embed": "placeholder", "align": "placeholder"}}
+    assert "nsfw_text" not in resolve_models(CurateParams(**base))  # none by default: keywords only
+    with pytest.raises(ModelLoadError, match="absent"):
+        resolve_models(CurateParams(**{**base, "models": {**base["models"], "nsfw_text": str(tmp_path / "absent")}}))
+    model = str(build_tiny_text_classifier(tmp_path / "clf", labels=("ok", "unsafe")))
+    named = {**base, "models": {**base["models"], "nsfw_text": model}}
+    with pytest.raises(ValueError, match=r"labels \['ok', 'unsafe'\]"):
+        resolve_models(CurateParams(**named))
+    resolved = resolve_models(CurateParams(**named, config={"source": {"text_nsfw_labels": ["unsafe"]}}))
+    assert resolved["nsfw_text"] == (model, False, "local")
