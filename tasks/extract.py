@@ -12,7 +12,7 @@ import pandas as pd
 from selectolax.lexbor import LexborHTMLParser
 
 from schemas.contracts import row_key
-from tasks.io.warc import Record, iter_records
+from tasks.io.warc import Record, iter_records, next_member
 from tasks.text import is_mostly_chinese
 
 STAGE = "extract"
@@ -200,38 +200,60 @@ class _Page:
 
 
 def _pages(path: str, config: ExtractConfig, stats: dict, replay: list, cc=None) -> Iterator[_Page]:
-    """HTML pages paired with the metadata record that follows them (when there is one)."""
+    """HTML pages paired with the metadata record that follows them (when there is one).
+
+    Damaged data part-way (a gzip member that does not inflate) is counted in read_errors and skipped: reading
+    goes on at the next intact record, so one bad member never costs the rest of the file.
+    """
     pending: _Page | None = None
     image_mimes = config.image_mimes
-    for rec in iter_records(path, config.backend, cc):
-        stats["records"] += 1
-        kind = rec.type
-        if kind == "metadata":
-            if pending is not None and rec.uri == pending.rec.uri:
-                pending.meta = parse_metadata(rec.read())
-                yield pending
-                pending = None
-            continue
-        if kind == "warcinfo":
-            info = parse_metadata(rec.read())
-            stats.setdefault("snapshot", info.get("ispartof"))
-            continue
-        if kind != "response":
-            continue
-        replay.append((rec.uri, path, rec.offset, rec.status))  # any response may be asked for by URL
-        mime = rec.mime
-        if rec.status != 200 or (mime or "").startswith(image_mimes):
-            continue
-        if mime is not None and mime not in HTML_TYPES:
-            continue
-        body = rec.read()
-        if rec.truncated:
-            stats["records_truncated"] += 1
-        if mime is None and not body.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
-            continue
-        if pending is not None:
-            yield pending
-        pending = _Page(rec, body)
+    start = 0
+    while True:
+        last = None
+        try:
+            for rec in iter_records(path, config.backend, cc, start):
+                last = rec.offset
+                stats["records"] += 1
+                kind = rec.type
+                if kind == "metadata":
+                    if pending is not None and rec.uri == pending.rec.uri:
+                        pending.meta = parse_metadata(rec.read())
+                        yield pending
+                        pending = None
+                    continue
+                if kind == "warcinfo":
+                    info = parse_metadata(rec.read())
+                    stats.setdefault("snapshot", info.get("ispartof"))
+                    continue
+                if kind != "response":
+                    continue
+                replay.append((rec.uri, path, rec.offset, rec.status))  # any response may be asked for by URL
+                mime = rec.mime
+                if rec.status != 200 or (mime or "").startswith(image_mimes):
+                    continue
+                if mime is not None and mime not in HTML_TYPES:
+                    continue
+                body = rec.read()
+                if rec.truncated:
+                    stats["records_truncated"] += 1
+                if mime is None and not body.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+                    continue
+                if pending is not None:
+                    yield pending
+                pending = _Page(rec, body)
+            break
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            if not (start and last is None):  # a resume that fails before its first record: the same damage
+                stats["read_errors"] += 1
+            stats.setdefault("read_error", str(err)[:300])
+            damaged = last if last is not None else start
+            resume = next_member(path, damaged + 1, cc)
+            if resume is None:
+                break
+            stats["bytes_skipped"] = stats.get("bytes_skipped", 0) + resume - damaged
+            start = resume
     if pending is not None:
         yield pending
 

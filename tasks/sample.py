@@ -142,6 +142,13 @@ class _Img:
     expected: str
     case: str
     upper: bool = False  # spell the tag <IMG SRC=.. ALT=..>
+    extra: tuple[tuple[str, str], ...] = ()  # more attributes, written after src and alt
+    fetch_src: str | None = None  # the attribute value the extractor should take when it is not src
+    resolved: bool = True  # False: dropped before its URL is resolved (the key is then of the raw value)
+
+    @property
+    def taken(self) -> str | None:
+        return self.fetch_src or self.src
 
 
 @dataclass
@@ -286,7 +293,7 @@ class _Builder:
             kw["languages"] = [("zh", "zho", "Chinese", 0.97)]
         page = _Page(url, warc, case, selected, imgs, paragraphs, title, **kw)
         for img in imgs:
-            blob = self.blobs.get(_resolve(page, img.src) or "")
+            blob = self.blobs.get(_resolve(page, img.taken) or "")
             if blob is not None and blob.warc is None:
                 blob.warc = warc
         self.pages.append(page)
@@ -493,6 +500,7 @@ def _build() -> _Builder:
                 for j in range(4 + k % 2)]
         b.page(2, f"{zh}/travel/2025/04/{stem}.html", imgs)
     _source_filter_cases(b, zh)
+    _extraction_cases(b, zh)
     return b
 
 
@@ -537,6 +545,23 @@ def _source_filter_cases(b: _Builder, zh: str) -> None:
         _Img(small(page_host), "街景", "source.blacklisted_site", "order_site_before_word_count"),
         _Img(small(page_host), b.caption(), "source.blacklisted_site", "blacklisted_page_host"),
     ], case="blacklisted_page_host")
+
+
+def _extraction_cases(b: _Builder, zh: str) -> None:
+    """Where real pages hide their images: lazy-load attributes, srcset; and what is no picture: SVG, beacons."""
+    lazy, original, large = b.photo(size=(200, 200)), b.photo(size=(200, 200)), b.photo(size=(240, 200))
+    small_of_large = large.replace(".jpg", "-320w.jpg")  # listed in srcset, never served: the largest is taken
+    b.page(1, f"{zh}/food/2025/05/xiaochi.html", [
+        _Img("/static/img/loading.gif", b.caption(), "kept", "lazy_data_src", extra=(("data-src", lazy),),
+             fetch_src=lazy),
+        _Img(_tiny_data_uri(), b.caption(), "kept", "lazy_data_original", extra=(("data-original", original),),
+             fetch_src=original),
+        _Img(small_of_large, b.caption(), "kept", "srcset_largest",
+             extra=(("srcset", f"{small_of_large} 320w, {large} 960w"),), fetch_src=large),
+        _Img("https://img1.sample-zh.test/static/icons/logo.svg", b.caption(), "extract.svg", "svg"),
+        _Img("https://stats.sample-zh.test/pixel.gif?id=xiaochi", b.caption(), "extract.tracking_pixel",
+             "tracking_pixel", extra=(("width", "1"), ("height", "1")), resolved=False),
+    ])
 
 
 def _junk_bytes() -> bytes:
@@ -584,6 +609,7 @@ def _img_tag(img: _Img) -> str:
         attrs.append(f'{src}="{img.src}"')
     if img.alt_html is not None:
         attrs.append(f'{alt}="{img.alt_html}"')
+    attrs += [f'{name}="{value}"' for name, value in img.extra]
     return "<" + " ".join(attrs) + ">"
 
 
@@ -694,7 +720,7 @@ def _sniff(body: bytes) -> str:
 
 def _write_warc(path: Path, index: int, b: _Builder) -> None:
     pages = [p for p in b.pages if p.warc == index]
-    linked = {_resolve(p, i.src) for p in b.pages for i in p.imgs}
+    linked = {_resolve(p, i.taken) for p in b.pages for i in p.imgs}
     with path.open("wb") as fh:
         out = _WarcFile(index, fh)
         written: set[str] = set()
@@ -712,7 +738,7 @@ def _write_warc(path: Path, index: int, b: _Builder) -> None:
             if page.languages is not None:
                 out.metadata(page, response_id)
             for img in page.imgs:
-                serve(_resolve(page, img.src), page.ip)
+                serve(_resolve(page, img.taken), page.ip)
         # Images whose pages live in another file come last, as a later fetch would.
         for url in sorted(u for u in linked if u):
             serve(url, "192.0.2.251")
@@ -729,8 +755,8 @@ def _manifest_lines(b: _Builder) -> list[str]:
         if not page.selected:
             continue
         for img in page.imgs:
-            lines.append({"kind": "img", "warc": warc, "page_url": page.url, "src": img.src,
-                          "url": _resolve(page, img.src),
+            lines.append({"kind": "img", "warc": warc, "page_url": page.url, "src": img.src, "taken": img.taken,
+                          "url": _resolve(page, img.taken) if img.resolved else None,
                           "alt_text": None if img.alt_html is None else html.unescape(img.alt_html),
                           "expected": img.expected, "case": img.case})
     return [json.dumps(line, ensure_ascii=False) + "\n" for line in lines]

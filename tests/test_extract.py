@@ -373,3 +373,23 @@ def test_corrupt_data_part_way_keeps_what_was_read_and_counts_it(tmp_path):
     assert res.stats["read_errors"] == 1 and "damaged.warc.gz" in res.stats["read_error"]
     assert res.stats["pages_selected"] == whole.stats["pages_selected"]
     assert len(res.candidates) == len(whole.candidates)
+
+
+@pytest.mark.parametrize("backend", ["fastwarc", "warcio"])
+def test_a_damaged_member_costs_only_its_own_records(tmp_path, backend):
+    """Bytes flipped inside one gzip member: counted once, and every page after the damage is still read."""
+    source = fixture_path("warc/warcfile.warc.gz")
+    whole = extract_warc(str(source), ExtractConfig(backend=backend))
+    data = bytearray(source.read_bytes())
+    position = 60_000
+    for i in range(position, position + 64):
+        data[i] ^= 0xA5
+    damaged = tmp_path / "damaged.warc.gz"
+    damaged.write_bytes(bytes(data))
+    res = extract_warc(str(damaged), ExtractConfig(backend=backend))
+    assert res.stats["read_errors"] == 1 and res.stats["bytes_skipped"] > 0
+    after = whole.candidates[whole.candidates["warc_offset"] > position + 64]
+    assert len(after) > 0
+    got = res.candidates[res.candidates["warc_offset"] > position + 64]
+    assert sorted(got["key"]) == sorted(after["key"])
+    assert set(res.candidates["key"]) <= set(whole.candidates["key"])

@@ -164,12 +164,16 @@ def test_manifest_lines_are_the_pages_img_elements(manifest, responses):
             assert lines == []
             continue
         assert [(m["src"], m["alt_text"]) for m in lines] == [(e.get("src"), e.get("alt")) for e in elements]
-        for m in lines:
+        for m, e in zip(lines, elements, strict=True):
             assert m["warc"] == page["warc"]
-            if m["src"] is None or m["src"].startswith(("data:", "javascript:")):
+            # the attribute the image is taken from: a lazy-load one or srcset's largest, else src
+            lazy = e.get("data-src") or e.get("data-original")
+            srcset = e.get("srcset")
+            assert m["taken"] == (lazy or (srcset.split(",")[-1].split()[0] if srcset else m["src"]))
+            if m["taken"] is None or m["taken"].startswith(("data:", "javascript:")) or m["case"] == "tracking_pixel":
                 assert m["url"] is None
             else:
-                assert m["url"] == urljoin(base or page["page_url"], m["src"])
+                assert m["url"] == urljoin(base or page["page_url"], m["taken"])
 
 
 def test_page_selection_follows_the_language_label(manifest, records):

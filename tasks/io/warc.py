@@ -73,26 +73,72 @@ def _split_type(value: str | None) -> tuple[str | None, str | None]:
     return parts[0].lower() or None, charset
 
 
-def _open(path: str, cc: CCConfig | None = None):
-    """A local file, or an http(s)/s3 URL through the resumable Common Crawl reader."""
+def _open(path: str, cc: CCConfig | None = None, start: int = 0):
+    """A local file, or an http(s)/s3 URL through the resumable Common Crawl reader, from byte `start`."""
     if "://" in path:
-        return open_stream(path, cc or CCConfig())
-    return open(Path(path), "rb")
+        return open_stream(path, cc or CCConfig(), start)
+    fh = open(Path(path), "rb")
+    if start:
+        fh.seek(start)
+    return fh
 
 
-def iter_records(path: str, backend: str = "auto", cc: CCConfig | None = None) -> Iterator[Record]:
-    """Yield the records of one WARC file (a local path or a URL); a file that ends mid-record raises nothing.
+def iter_records(path: str, backend: str = "auto", cc: CCConfig | None = None, start: int = 0) -> Iterator[Record]:
+    """Yield the records of one WARC file (a local path or a URL) from byte `start` (a record boundary);
+    a file that ends mid-record raises nothing.
 
-    A read error stops the iteration with an OSError that names the file and offset.
+    A read error stops the iteration with an OSError that names the file and offset; `next_member` finds
+    where reading can go on.
     """
     use_fast = HAVE_FASTWARC and backend in ("auto", "fastwarc")
-    with _open(path, cc) as fh:
+    with _open(path, cc, start) as fh:
         head = fh.peek(8)[:8]  # peek, not read + seek: a remote stream cannot seek back
         if not head:
             return
         if not head.startswith(_MAGIC):  # FastWARC skips junk silently: a file of it would read as "no pages"
-            raise OSError(f"{path}: not a WARC file (starts with {head!r})")
-        yield from (_iter_fast(fh, path) if use_fast else _iter_warcio(fh, path))
+            raise OSError(f"{path}: not a WARC file at byte {start} (starts with {head!r})")
+        records = _iter_fast(fh, path) if use_fast else _iter_warcio(fh, path)
+        if not start:
+            yield from records
+            return
+        for rec in records:
+            rec.offset += start  # the readers count from where the stream began
+            yield rec
+
+
+_GZIP_MEMBER = b"\x1f\x8b\x08"
+
+
+def next_member(path: str, after: int, cc: CCConfig | None = None, window: int = 1 << 20) -> int | None:
+    """The first offset >= `after` where a gzip member starts that inflates to a WARC record, or None.
+
+    Where a damaged member ends cannot be known, so reading resumes at the next member that proves itself
+    (its first inflated bytes are a WARC header): every record after the damage is still read.
+    """
+    import zlib
+
+    with _open(path, cc, after) as fh:
+        pos, buf = after, b""
+        while True:
+            chunk = fh.read(window)
+            buf += chunk
+            i, wait_at = 0, None
+            while (i := buf.find(_GZIP_MEMBER, i)) != -1:
+                if chunk and len(buf) - i < 4096:
+                    wait_at = i  # too little left to judge: read more first
+                    break
+                try:
+                    head = zlib.decompressobj(31).decompress(buf[i:i + 4096], 16)
+                except zlib.error:
+                    head = b""
+                if head.startswith(b"WARC/"):
+                    return pos + i
+                i += 1
+            if not chunk:
+                return None
+            cut = wait_at if wait_at is not None else max(len(buf) - 2, 0)  # a magic may straddle two reads
+            pos += cut
+            buf = buf[cut:]
 
 
 def iter_member_records(data: bytes, offset: int, source: str = "", backend: str = "auto") -> Iterator[Record]:
