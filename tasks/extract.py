@@ -136,27 +136,52 @@ class _Resolver:
         return url, (_host(url) if url else "")
 
 
+def _srcset_candidates(srcset: str) -> Iterator[tuple[str, str]]:
+    """(URL, descriptors) of a srcset, split as HTML's parser does: a URL is a run of non-space characters
+    (commas inside it stay, trailing ones end it), its descriptors run to the next comma outside parentheses."""
+    pos, n = 0, len(srcset)
+    while True:
+        while pos < n and (srcset[pos].isspace() or srcset[pos] == ","):
+            pos += 1
+        if pos >= n:
+            return
+        start = pos
+        while pos < n and not srcset[pos].isspace():
+            pos += 1
+        url = srcset[start:pos]
+        if url.endswith(","):
+            yield url.rstrip(","), ""
+            continue
+        start, depth = pos, 0
+        while pos < n and (srcset[pos] != "," or depth):
+            depth += {"(": 1, ")": -1 if depth else 0}.get(srcset[pos], 0)
+            pos += 1
+        yield url, srcset[start:pos].strip()
+        pos += 1
+
+
 def largest_srcset(srcset: str) -> str | None:
-    """The URL of a srcset's largest candidate: by width descriptor, else density; none means 1x."""
+    """The URL of a srcset's largest candidate: by width descriptor, else density; none means 1x. data: URIs
+    (inline placeholders) are passed over."""
     best, best_size = None, -1.0
-    for item in _SRCSET_ITEM.finditer(srcset):
-        url, desc = item.group(1), (item.group(2) or "").strip().lower()
-        url = url.rstrip(",")
-        if not url:
+    for url, desc in _srcset_candidates(srcset):
+        desc = desc.lower()
+        if not url or url[:5].lower() == "data:":
             continue
         size = 1.0
-        if desc.endswith("w") or desc.endswith("x"):
+        if desc:
             try:
-                size = float(desc[:-1]) * (1.0 if desc.endswith("x") else 1e6)  # any width beats any density
+                if desc.endswith(("w", "x")) and " " not in desc:
+                    size = float(desc[:-1]) * (1.0 if desc.endswith("x") else 1e6)  # any width beats any density
+                else:
+                    continue  # an invalid descriptor drops the candidate (HTML's srcset parsing)
             except ValueError:
-                continue  # an invalid descriptor drops the candidate (HTML's srcset parsing)
+                continue
         if size > best_size:
             best, best_size = url, size
     return best
 
 
-# A srcset candidate: a URL (no whitespace; a trailing comma ends it) and an optional descriptor up to the comma.
-_SRCSET_ITEM = re.compile(r"[\s,]*([^\s,][^\s]*?)(?:,|\s+([^,]*)(?:,|$)|$)")
 _SVG = re.compile(r"\.svgz?(?:$|[?#])", re.I)
 
 

@@ -393,3 +393,90 @@ def test_a_damaged_member_costs_only_its_own_records(tmp_path, backend):
     got = res.candidates[res.candidates["warc_offset"] > position + 64]
     assert sorted(got["key"]) == sorted(after["key"])
     assert set(res.candidates["key"]) <= set(whole.candidates["key"])
+
+
+def test_lazy_srcset_svg_and_beacons(tmp_path):
+    imgs = "".join([
+        '<img src="/loading.gif" data-src="/real/lazy.jpg" alt="懒加载">',
+        '<img src="data:image/gif;base64,R0lGOD==" data-original="//cdn.example.net/o.jpg" alt="原图">',
+        '<img src="/s.jpg" srcset="/s.jpg 320w, /l.jpg 1280w, /m.jpg 640w" alt="宽度描述">',
+        '<img src="/a.jpg" srcset="/a.jpg, /a2x.jpg 2x" alt="密度描述">',
+        '<img src="/x.jpg" srcset="data:image/png;base64,AA== 2000w" alt="内嵌候选">',
+        '<img src="/icons/logo.svg?v=3" alt="矢量图">',
+        '<img src="/t.gif" width="1" height="1px" alt="跟踪像素">',
+        '<img src="/wide.gif" width="1" height="200" alt="细长图">',
+        '<img data-src="" src="/plain.jpg" alt="空懒加载">',
+        '<img title="只有标题" src="/t.jpg">',
+    ])
+    page_url = "https://www.example.cn/news/index.html"
+    result, _, _ = _extract(tmp_path, [Resp(page_url, _page(ZH_TEXT, imgs).encode(), langs=("zh",))])
+    cand = result.candidates
+    got = list(zip(_plain(cand["url"]), _plain(cand["src_attr"]), _plain(cand["drop_reason"]), strict=True))
+    assert got == [
+        ("https://www.example.cn/real/lazy.jpg", "data-src", None),
+        ("https://cdn.example.net/o.jpg", "data-original", None),
+        ("https://www.example.cn/l.jpg", "srcset", None),
+        ("https://www.example.cn/a2x.jpg", "srcset", None),
+        ("https://www.example.cn/x.jpg", "src", None),
+        ("https://www.example.cn/icons/logo.svg?v=3", "src", "extract.svg"),
+        (None, "src", "extract.tracking_pixel"),
+        ("https://www.example.cn/wide.gif", "src", None),
+        ("https://www.example.cn/plain.jpg", "src", None),
+        ("https://www.example.cn/t.jpg", "src", None),
+    ]
+    assert _plain(cand["src"])[:2] == ["/loading.gif", "data:image/gif;base64,R0lGOD=="]  # the raw src stays
+    assert _plain(cand["alt_text"])[-1] is None and _plain(cand["title"])[-1] == "只有标题"
+    titled, _, _ = (lambda p: (extract_warc(str(p), ExtractConfig(title_as_alt=True)), None, None))(
+        tmp_path / "tiny.warc.gz")
+    assert _plain(titled.candidates["alt_text"])[-1] == "只有标题"
+
+
+def test_largest_srcset_edge_cases():
+    from tasks.extract import largest_srcset
+
+    assert largest_srcset("a.jpg 100w, b.jpg 300w,c.jpg 200w") == "b.jpg"
+    assert largest_srcset("a.jpg 1x, b.jpg 3x, c.jpg 2x") == "b.jpg"
+    assert largest_srcset("a.jpg 3x, b.jpg 10w") == "b.jpg"  # a width beats a density
+    assert largest_srcset("https://cdn.test/w_300,h_200/p.jpg 300w, https://cdn.test/w_900,h_600/p.jpg 900w") \
+        == "https://cdn.test/w_900,h_600/p.jpg"  # commas inside a URL
+    assert largest_srcset("a.jpg bogus, b.jpg") == "b.jpg"  # an invalid descriptor drops its candidate
+    assert largest_srcset("  ,  ") is None and largest_srcset("") is None
+
+
+def test_fast_resolution_agrees_with_urljoin():
+    from tasks.extract import _Resolver
+
+    bases = ["https://www.example.cn/a/b/page.html?x=1", "http://例子.中国/", "https://h.example:8080/p",
+             "https://www.example.cn/"]
+    srcs = ["/img/a.jpg", "/img/../b.jpg", "/./c.jpg", "//cdn.x.net/d.jpg", "https://o.example/e.jpg?q=1#f",
+            "rel/f.jpg", "../g.jpg", "/h i.jpg", "/tab\tbed.jpg", "\\back.jpg", "/%E5%9B%BE.jpg", "/图片.jpg",
+            "HTTPS://UP.EXAMPLE/J.JPG", "?only=query", "#frag", "/k.jpg?a=/../b"]
+    for base in bases:
+        resolver = _Resolver(base)
+        for src in srcs:
+            url, host = resolver(src)
+            expected = resolve_src(src, base)
+            assert url == expected, (base, src)
+            if url:
+                assert host == (__import__("urllib.parse").parse.urlsplit(url).hostname or "").lower()
+
+
+def test_invalid_bytes_huge_pages_and_attribute_floods(tmp_path):
+    """Bytes invalid in the declared charset are replaced, not fatal; an oversize page is cut and counted; an
+    <img> with thousands of attributes is one candidate."""
+    bad = _page(ZH_TEXT, '<img src="/a.jpg" alt="坏字节的说明文字">').encode("utf-8").replace(b"<p>", b"<p>\xff\xfe\x80", 1)
+    flood = "<img " + " ".join(f'data-x{i}="{i}"' for i in range(5000)) + ' src="/flood.jpg" alt="很多属性">'
+    huge = _page(ZH_TEXT * 20000, '<img src="/big.jpg" alt="大页面的图片">')  # ~2.7 MB of text before the image
+    result, _, _ = _extract(tmp_path, [
+        Resp("https://a.example.cn/bad.html", bad, langs=("zh",)),
+        Resp("https://a.example.cn/flood.html", _page(ZH_TEXT, flood).encode(), langs=("zh",)),
+        Resp("https://a.example.cn/huge.html", huge.encode(), langs=("zh",)),
+    ])
+    cand = result.candidates
+    assert _plain(cand["alt_text"])[:2] == ["坏字节的说明文字", "很多属性"]
+    assert _plain(cand["url"])[1] == "https://a.example.cn/flood.jpg"
+    assert result.stats["pages_oversize"] == 0
+    path = tmp_path / "tiny.warc.gz"
+    capped = extract_warc(str(path), ExtractConfig(max_page_bytes=1_000_000))
+    assert capped.stats["pages_oversize"] == 1 and capped.stats["pages_selected"] == 3
+    assert "大页面的图片" not in set(_plain(capped.candidates["alt_text"]))  # beyond the cap: not parsed
