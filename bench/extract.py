@@ -33,7 +33,8 @@ language), each record its own gzip member (warcio's WARCWriter). A CC WARC is ~
 - Languages of the non-Chinese pages roughly as CC's (English about half, then Russian, German, Japanese,
   Spanish, French, Italian, Dutch), some in windows-1251, Shift_JIS or ISO-8859-1. Chinese pages are Simplified
   Chinese (words drawn from jieba's dictionary by frequency); ~22% GBK-encoded with the HTTP charset and
-  <meta> saying gbk/gb2312 (some with no HTTP charset), the rest UTF-8.
+  <meta> saying gbk/gb2312 (some with no HTTP charset), the rest UTF-8. Each page is Chinese or not independently
+  (no runs of one host's pages), so the index path rarely joins two selected records into one request.
 - No <noscript> (lxml and lexbor build its content differently) and no valueless attributes (lexbor gives None
   where lxml gives ""), so the reference can match extract_warc exactly.
 
@@ -64,7 +65,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GEN_VERSION = 1  # bump when the generator's output changes: cached WARCs are rebuilt
+GEN_VERSION = 2  # bump when the generator's output changes: cached WARCs are rebuilt
 CRAWL = "CC-MAIN-2020-34"
 MIB = 1 << 20
 
@@ -316,7 +317,6 @@ class _PageMaker:
     def __init__(self, seed: int, zh_share: float, pool: int = 1200):
         self.rng = random.Random(seed)
         self.zh_share = zh_share
-        self.zh_due = zh_share
         self.zh, self.others, shares = _languages(pool)
         self.other_cum = _cum(shares)
         self.js, self.css = _boilerplate()
@@ -359,8 +359,7 @@ class _PageMaker:
                             for _ in range(r.randint(5, 40)))
             body = f'<?xml version="1.0" encoding="utf-8"?><rss version="2.0"><channel>{items}</channel></rss>'
             return f"https://{host}/feed/", body.encode(), "application/rss+xml", {"charset-detected": "UTF-8"}
-        zh = r.random() < self.zh_due  # randomised rounding: the file's share stays within a page or two of zh_share
-        self.zh_due += self.zh_share - zh
+        zh = r.random() < self.zh_share
         lang = self.zh if zh else self._other()
         host = self._host(zh)
         url = f"{r.choice(('http', 'https'))}://{host}{self._path()}"
