@@ -863,7 +863,7 @@ def profile(path: Path, top: int = 15) -> str:
 
 SIZES = {  # (MB per file, repeats)
     "default": (150.0, 3),
-    "quick": (25.0, 3),
+    "quick": (25.0, 5),
     "tiny": (1.5, 1),  # the smoke test's
 }
 
