@@ -609,10 +609,11 @@ def warc_file(work: Path, name: str, mb: float, zh_share: float, seed: int) -> P
 def reference_extract(path: str, config=None):
     """extract_warc's full scan with warcio's ArchiveIterator and lxml.html instead of FastWARC and lexbor.
 
-    Same record pairing (an HTML response, then its metadata record), decoding, rules, URL resolver and row and
-    frame building (tasks.extract's own helpers, private ones included), so the candidates must be equal and the
-    time differs by the WARC reader and the HTML parser only. Pages without a languages-cld2 label (none here, as
-    in CC's WARCs) are not selected: extract_warc's text fallback for them parses with lexbor.
+    Same record pairing (an HTML response, then its metadata record), decoding, rules and row and frame building
+    (tasks.extract's own helpers, private ones included), so the candidates must be equal and the time differs by
+    the WARC reader and the HTML parser only. URLs go through plain resolve_src (urljoin), not extract_warc's
+    _Resolver, so the equality also checks _Resolver's shortcuts (at ~1% of the reference's time). Pages without a
+    languages-cld2 label (none here, as in CC's WARCs) are not selected: extract_warc's fallback parses with lexbor.
     """
     import lxml.html
     from lxml.etree import ParserError
@@ -641,8 +642,7 @@ def reference_extract(path: str, config=None):
         bases = doc.xpath("//base[@href]")
         if bases:
             base = ex.resolve_src(bases[0].get("href") or "", page_url) or page_url
-        resolver = ex._Resolver(base)
-        page_host = ex._host(page_url)
+        page_host = (urlsplit(page_url).hostname or "").lower()
         date = rec.rec_headers.get_header("WARC-Date")
         seen = set()
         for node in doc.iter("img"):
@@ -655,7 +655,8 @@ def reference_extract(path: str, config=None):
             elif config.max_pixel_side > 0 and ex.is_tracking_pixel(attrs, config):
                 reason = "extract.tracking_pixel"
             else:
-                url, host = resolver(raw)
+                url = ex.resolve_src(raw, base)
+                host = (urlsplit(url).hostname or "").lower() if url else ""
                 if url is None:
                     reason = "extract.bad_url"
                 elif ex._SVG.search(urlsplit(url).path if "?" in url or "#" in url else url):
