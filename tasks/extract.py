@@ -112,16 +112,19 @@ def resolve_src(src: str, base: str) -> str | None:
 
 
 class _Resolver:
-    """resolve_src for one page, with the cheap cases done by string operations (urljoin is the hot spot).
+    """resolve_src for one page, with the common cases done by string operations (urljoin is the hot spot).
 
-    Absolute http(s) URLs are taken as they are and root-relative paths are appended to the page's origin when
-    they hold nothing urljoin would rewrite (dot segments, backslashes); everything else goes through urljoin.
+    Absolute http(s) URLs are taken as they are, protocol-relative ones get the page's scheme, and root-relative
+    paths are appended to the page's origin, whenever they hold nothing urljoin would rewrite (dot segments,
+    backslashes, an empty query or fragment, control characters, userinfo or IPv6 hosts); everything else
+    goes through urljoin. Both give the same URL (a test compares them).
     """
 
     def __init__(self, base: str):
         self.base = base
         parts = urlsplit(base) if base.startswith(("http://", "https://")) else None
         self.origin = f"{parts.scheme}://{parts.netloc}" if parts is not None and parts.hostname else None
+        self.scheme = parts.scheme if self.origin else None
         self.host = _host(base) if self.origin else ""
 
     def __call__(self, src: str) -> tuple[str | None, str]:
@@ -129,11 +132,41 @@ class _Resolver:
         if "\t" in src or "\n" in src or "\r" in src:
             src = _WS.sub("", src)
         src = src.strip()
-        if self.origin is not None and src[:1] == "/" and src[1:2] not in ("/", "\\") and "/." not in src \
-                and "\\" not in src and " " not in src:
-            return self.origin + src, self.host
+        if self.origin is not None and _plain(src):
+            if src[:1] == "/" and src[1:2] != "/":
+                return self.origin + src, self.host
+            if src.startswith("//"):
+                host = _plain_host(src, 2)
+                if host:
+                    return f"{self.scheme}:{src}", host
+            elif src.startswith("http://") or src.startswith("https://"):
+                host = _plain_host(src, src.index("//") + 2)
+                if host:
+                    return src, host
         url = resolve_src(raw, self.base)
         return url, (_host(url) if url else "")
+
+
+def _plain(src: str) -> bool:
+    """Nothing in `src` that urljoin would rewrite."""
+    return (src.isprintable() and "\\" not in src and " " not in src and "/." not in src and "?#" not in src
+            and not src.endswith(("?", "#")))
+
+
+def _plain_host(url: str, start: int) -> str:
+    """The host of an authority without userinfo, IPv6 brackets or an odd port; '' to send it through urljoin."""
+    end = len(url)
+    for sep in "/?#":
+        i = url.find(sep, start)
+        if i != -1 and i < end:
+            end = i
+    netloc = url[start:end]
+    if not netloc or "@" in netloc or "[" in netloc or "%" in netloc:
+        return ""
+    host, _, port = netloc.partition(":")
+    if port and not port.isdigit() or not host:
+        return ""
+    return host.lower()
 
 
 def _srcset_candidates(srcset: str) -> Iterator[tuple[str, str]]:
@@ -431,6 +464,8 @@ def _page_candidates(page: _Page, tree: LexborHTMLParser, snapshot: str, path: s
         attrs = node.attributes
         raw, attr = choose_src(attrs, config)
         alt = attrs.get("alt")
+        if alt is None and "alt" in attrs:
+            alt = ""  # <img alt>: HTML's empty alt (a decorative image), which lexbor reports as None
         title = attrs.get("title")
         if alt is None and title_as_alt:
             alt = title

@@ -69,6 +69,8 @@ class CCServer:
 def _handler(server: CCServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as CloudFront: a client must cope with reused connections
+        # headers and body go out in two writes; with Nagle on, the body waits ~40 ms for the client's delayed ACK
+        disable_nagle_algorithm = True
 
         def log_message(self, *args) -> None:
             pass

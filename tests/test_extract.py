@@ -450,7 +450,11 @@ def test_fast_resolution_agrees_with_urljoin():
              "https://www.example.cn/"]
     srcs = ["/img/a.jpg", "/img/../b.jpg", "/./c.jpg", "//cdn.x.net/d.jpg", "https://o.example/e.jpg?q=1#f",
             "rel/f.jpg", "../g.jpg", "/h i.jpg", "/tab\tbed.jpg", "\\back.jpg", "/%E5%9B%BE.jpg", "/图片.jpg",
-            "HTTPS://UP.EXAMPLE/J.JPG", "?only=query", "#frag", "/k.jpg?a=/../b"]
+            "HTTPS://UP.EXAMPLE/J.JPG", "?only=query", "#frag", "/k.jpg?a=/../b", "http://a.example/x?",
+            "https://user:pw@h.example/x", "https://[::1]/x", "https://[bad/x", "https://H.Example:80/X",
+            "http://h.example/x#", "//h2.example/y?z", "//", "https:///nohost", "https://h.example/x?#",
+            "https://h.example:port/x", "https://h.example/%41", "https://例子.中国/图.jpg", "http://h.example",
+            "https://h.example./x", "https://h.example/a/../b", "//h3.example", "/\x00.jpg"]
     for base in bases:
         resolver = _Resolver(base)
         for src in srcs:
@@ -464,7 +468,8 @@ def test_fast_resolution_agrees_with_urljoin():
 def test_invalid_bytes_huge_pages_and_attribute_floods(tmp_path):
     """Bytes invalid in the declared charset are replaced, not fatal; an oversize page is cut and counted; an
     <img> with thousands of attributes is one candidate."""
-    bad = _page(ZH_TEXT, '<img src="/a.jpg" alt="坏字节的说明文字">').encode("utf-8").replace(b"<p>", b"<p>\xff\xfe\x80", 1)
+    bad = _page(ZH_TEXT, '<img src="/a.jpg" alt="坏字节的说明文字">').encode("utf-8")
+    bad = bad.replace(b"<p>", b"<p>\xff\xfe\x80", 1)
     flood = "<img " + " ".join(f'data-x{i}="{i}"' for i in range(5000)) + ' src="/flood.jpg" alt="很多属性">'
     huge = _page(ZH_TEXT * 20000, '<img src="/big.jpg" alt="大页面的图片">')  # ~2.7 MB of text before the image
     result, _, _ = _extract(tmp_path, [

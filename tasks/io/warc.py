@@ -45,6 +45,7 @@ class Record:
     _reader: object = None
     _declared: int | None = None
     truncated: bool = False
+    _undo_encodings: bool = False  # FastWARC: check the HTTP transfer/content encodings when the payload is read
 
     @property
     def headers(self) -> dict[str, str]:
@@ -55,6 +56,11 @@ class Record:
 
     def read(self) -> bytes:
         """The payload (HTTP body for responses); marks the record truncated when the file ends early."""
+        if self._undo_encodings and self._reader is not None:
+            http = self._headers
+            if http.get("Transfer-Encoding") or http.get("Content-Encoding"):
+                self._reader = _decoding(self._reader, http)
+                self._declared = None  # a decoded size says nothing about truncation
         data = self._reader.read() if self._reader is not None else b""
         self._reader = None
         if self._declared is not None and len(data) < self._declared:
@@ -169,32 +175,43 @@ def _iter_fast(fh, path: str) -> Iterator[Record]:
     kinds = _FastType.warcinfo | _FastType.response | _FastType.metadata | _FastType.resource
     names = _FAST_NAMES
     # quirks_mode: ClueWeb-era WARCs end HTTP header lines with a bare LF, which the strict parser misreads.
-    # This loop runs once per record of ~1 GB files: only what every record needs is read here.
+    # This loop runs once per record of ~1 GB files: one dict of the WARC headers (a case-insensitive get
+    # costs as much as the whole dict), the HTTP type from FastWARC's own parse, encodings only when read.
     for rec in _guarded(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True), path):
-        h = rec.headers
-        http = rec.http_headers if rec.is_http else None
+        wh = rec.headers
+        h = wh.to_dict()
         kind = names[int(rec.record_type)]
+        http = rec.http_headers if rec.is_http else None
         if http is not None:
-            encoded = http.get("Transfer-Encoding") or http.get("Content-Encoding")
-            mime, charset = _split_type(http.get("Content-Type"))
+            mime = rec.http_content_type
+            mime = mime.strip().lower() or None if mime else None
+            charset = rec.http_charset
+            charset = charset.strip("\"' ").lower() or None if charset else None
             status = http.status_code
         else:
-            encoded, charset, status = None, None, None
-            mime = _split_type(h.get("Content-Type"))[0] if kind != "response" else None
+            charset, status = None, None
+            mime = _split_type(_get(h, wh, "Content-Type"))[0] if kind != "response" else None
         yield Record(
             type=kind,
-            uri=_bare_uri(h.get("WARC-Target-URI")),
+            uri=_bare_uri(_get(h, wh, "WARC-Target-URI")),
             offset=rec.stream_pos,
-            date=h.get("WARC-Date"),
-            record_id=rec.record_id,
-            concurrent_to=h.get("WARC-Concurrent-To") if kind == "metadata" else None,
+            date=_get(h, wh, "WARC-Date"),
+            record_id=_get(h, wh, "WARC-Record-ID"),
+            concurrent_to=_get(h, wh, "WARC-Concurrent-To") if kind == "metadata" else None,
             status=status,
             mime=mime,
             charset=charset,
             _headers=http,
-            _reader=_decoding(rec.reader, http) if encoded else rec.reader,
-            _declared=None if encoded else rec.content_length,  # a decoded size says nothing about truncation
+            _reader=rec.reader,
+            _declared=rec.content_length,
+            _undo_encodings=http is not None,
         )
+
+
+def _get(h: dict, headers, name: str) -> str | None:
+    """A WARC header by its standard spelling from the dict, else case-insensitively from the reader's map."""
+    value = h.get(name)
+    return value if value is not None or not h else headers.get(name)
 
 
 def _bare_uri(uri: str | None) -> str | None:
