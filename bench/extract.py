@@ -606,7 +606,14 @@ def warc_file(work: Path, name: str, mb: float, zh_share: float, seed: int) -> P
 # ---- the reference: warcio + lxml, the same rules --------------------------------------------------------------------
 
 
-def reference_extract(path: str, config=None):
+def scan(path: str):
+    """extract_warc as a Common Crawl run calls it: images fetched over HTTP, so no replay listing."""
+    from tasks.extract import extract_warc
+
+    return extract_warc(path, replay=False)
+
+
+def reference_extract(path: str, config=None, replay: bool = False):
     """extract_warc's full scan with warcio's ArchiveIterator and lxml.html instead of FastWARC and lexbor.
 
     Same record pairing (an HTML response, then its metadata record), decoding, rules and row and frame building
@@ -623,7 +630,7 @@ def reference_extract(path: str, config=None):
     from tasks import extract as ex
 
     config = config or ex.ExtractConfig()
-    rows, replay = [], []
+    rows, rows_replay = [], []
     stats = {"records": 0, "pages_selected": 0}
     snapshot = "unknown"
 
@@ -684,7 +691,8 @@ def reference_extract(path: str, config=None):
             elif kind == "response":
                 offset = it.offset
                 status = int(rec.http_headers.get_statuscode() or 0)
-                replay.append((uri, path, offset, status))
+                if replay:
+                    rows_replay.append((uri, path, offset, status))
                 mime, _ = _content_type(rec.http_headers.get_header("Content-Type"))
                 if status != 200 or (mime or "").startswith(config.image_mimes) or (
                         mime is not None and mime not in ex.HTML_TYPES):
@@ -693,7 +701,7 @@ def reference_extract(path: str, config=None):
                 if mime is None and not body.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
                     continue
                 pending = (rec, offset, body)
-    return ex.ExtractResult(ex._frame(rows, stats), ex._replay_frame(replay), stats)
+    return ex.ExtractResult(ex._frame(rows, stats), ex._replay_frame(rows_replay), stats)
 
 
 def _content_type(value: str | None) -> tuple[str | None, str | None]:
@@ -790,7 +798,7 @@ def index_figures(work: Path, warc: Path, full, repeat: int) -> dict:
     """extract_selected over HTTP against the full scan `full` of the same WARC: bytes, equality, time."""
     import shutil
 
-    from tasks.extract import extract_selected, extract_warc
+    from tasks.extract import extract_selected
     from tasks.io.cc import CCConfig
     from tasks.io.ccindex import select_chinese
 
@@ -807,7 +815,7 @@ def index_figures(work: Path, warc: Path, full, repeat: int) -> dict:
     with _Server(root) as base:
         cfg = CCConfig.for_base_url(base)
         url = f"{base}/{rel}"
-        times, results = best_of({"full": lambda: extract_warc(str(warc)),
+        times, results = best_of({"full": lambda: scan(str(warc)),
                                   "index": lambda: extract_selected(url, selected, cc=cfg)}, repeat)
     got = results["index"]
     assert_same("extract_selected", candidate_rows(got.candidates), candidate_rows(full.candidates))
@@ -824,23 +832,27 @@ def index_figures(work: Path, warc: Path, full, repeat: int) -> dict:
 
 def two_process_figures(a: Path, b: Path, warm: Path, repeat: int) -> dict:
     """Two same-size WARCs one after the other vs both at once, on two warm spawned worker processes."""
+    import functools
     import importlib
 
     from tasks.extract import extract_warc
+
+    job = functools.partial(extract_warc, replay=False)  # scan() as a picklable callable for the workers
+
 
     ctx = get_context("spawn")
     with ProcessPoolExecutor(2, mp_context=ctx, initializer=importlib.import_module,
                              initargs=("tasks.extract",)) as pool:
         # Both workers started (a second submit while the first is busy spawns the second) and warm.
-        for f in [pool.submit(extract_warc, str(warm)) for _ in range(4)]:
+        for f in [pool.submit(job, str(warm)) for _ in range(4)]:
             f.result()
 
         def serial() -> None:
             for p in (a, b):
-                pool.submit(extract_warc, str(p)).result()
+                pool.submit(job, str(p)).result()
 
         def parallel() -> None:
-            for f in [pool.submit(extract_warc, str(p)) for p in (a, b)]:
+            for f in [pool.submit(job, str(p)) for p in (a, b)]:
                 f.result()
 
         times, _ = best_of({"serial": serial, "parallel": parallel}, repeat)
@@ -851,10 +863,9 @@ def two_process_figures(a: Path, b: Path, warm: Path, repeat: int) -> dict:
 
 def profile(path: Path, top: int = 15) -> str:
     """cProfile of extract_warc on `path`: the `top` functions by own time."""
-    from tasks.extract import extract_warc
 
     prof = cProfile.Profile()
-    prof.runcall(extract_warc, str(path))
+    prof.runcall(scan, str(path))
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
     return out.getvalue()
@@ -881,20 +892,19 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    from tasks.extract import extract_warc
 
     z5 = warc_file(work, "zh5", mb, 0.05, seed=1)
     z5b = warc_file(work, "zh5b", mb, 0.05, seed=2)  # the second file of the two-process figure
     z100 = warc_file(work, "zh100", mb, 1.0, seed=3)
     warm = warc_file(work, "warm", 0.3, 1.0, seed=4)
-    for fn in (gunzip, fastwarc_scan, extract_warc, reference_extract):  # imports, lazy initialisation
+    for fn in (gunzip, fastwarc_scan, scan, reference_extract):  # imports, lazy initialisation
         fn(str(warm))
 
     times, results = best_of({
         "gunzip_5": lambda: gunzip(z5), "fastwarc_5": lambda: fastwarc_scan(z5),
-        "extract_5": lambda: extract_warc(str(z5)),
+        "extract_5": lambda: scan(str(z5)),
         "reference_5": lambda: reference_extract(str(z5)),
-        "gunzip_100": lambda: gunzip(z100), "extract_100": lambda: extract_warc(str(z100)),
+        "gunzip_100": lambda: gunzip(z100), "extract_100": lambda: scan(str(z100)),
     }, repeat)
     full = results["extract_5"]
     assert_same("reference (warcio + lxml)", candidate_rows(results["reference_5"].candidates),

@@ -186,17 +186,18 @@ def extract(ctx: RunContext, shard: str, warc: str, cc_index: dict | None = None
     """A full scan of the WARC file, or (given the cc_index reduce) only the records the index selected."""
     cfg = ctx.cfg("extract")
     cc = ctx.cfg("cc")  # where and how to read remote files: not part of the hash, results do not depend on it
+    replay = ctx.fetcher == "replay"  # the response records by URL are listed only for the replay fetcher
 
     def compute():
         if cc_index is None:
-            res = extract_stage.extract_warc(warc, cfg, ctx.snapshot, cc)
+            res = extract_stage.extract_warc(warc, cfg, ctx.snapshot, cc, replay=replay)
         else:
             rows = pd.read_parquet(output(ctx, cc_index, ".parquet"),
                                    filters=[("warc_filename", "==", ccindex.warc_key(warc))])
             res = extract_stage.extract_selected(warc, rows.sort_values("warc_record_offset"), cfg, ctx.snapshot, cc)
         return res.candidates, res.stats, {".replay.parquet": res.replay}
 
-    inputs = [shards.file_identity(warc), ctx.snapshot, cc_index["hash"] if cc_index else None]
+    inputs = [shards.file_identity(warc), ctx.snapshot, cc_index["hash"] if cc_index else None, replay]
     return run_shard_step(ctx, "extract", shard, inputs, compute, config_dict(cfg))
 
 

@@ -77,10 +77,20 @@ def parse_metadata(body: bytes) -> dict[str, str]:
     return out
 
 
+_FIRST_CODE = '"languages":[{"code":"'
+
+
 def primary_language(meta: dict[str, str]) -> str | None:
     """The first (largest) language of `languages-cld2`, or None when absent or unreadable."""
+    value = meta.get("languages-cld2", "")
+    start = value.find(_FIRST_CODE)  # Common Crawl writes compact JSON: the first code without a JSON parse
+    if start != -1 and value.endswith("}"):
+        start += len(_FIRST_CODE)
+        end = value.find('"', start)
+        if end != -1 and "\\" not in value[start:end]:
+            return value[start:end]
     try:
-        langs = json.loads(meta.get("languages-cld2", "")).get("languages") or []
+        langs = json.loads(value).get("languages") or []
         return langs[0].get("code") if langs else None
     except (ValueError, AttributeError, TypeError, LookupError):  # malformed JSON must not end the WARC file
         return None
@@ -256,8 +266,12 @@ class _Page:
     meta: dict[str, str] | None = None
     chinese: bool | None = None  # decided by Common Crawl's label (metadata record or index); None: not labelled
 
+    @property
+    def has_base(self) -> bool:
+        return _BASE_TAG.search(self.body) is not None
 
-def _pages(path: str, config: ExtractConfig, stats: dict, replay: list, cc=None) -> Iterator[_Page]:
+
+def _pages(path: str, config: ExtractConfig, stats: dict, replay: list | None, cc=None) -> Iterator[_Page]:
     """HTML pages paired with the metadata record that follows them (when there is one).
 
     Damaged data part-way (a gzip member that does not inflate) is counted in read_errors and skipped: reading
@@ -285,7 +299,8 @@ def _pages(path: str, config: ExtractConfig, stats: dict, replay: list, cc=None)
                     continue
                 if kind != "response":
                     continue
-                replay.append((rec.uri, path, rec.offset, rec.status))  # any response may be asked for by URL
+                if replay is not None:
+                    replay.append((rec.uri, path, rec.offset, rec.status))  # any response may be asked for by URL
                 mime = rec.mime
                 if rec.status != 200 or (mime or "").startswith(image_mimes):
                     continue
@@ -334,6 +349,7 @@ def _label(page: _Page, config: ExtractConfig) -> bool | None:
 
 
 _HIGH_BYTES = bytes(range(0x80, 0x100))
+_BASE_TAG = re.compile(rb"<base[\s/>]", re.I)
 
 
 def _cjk_possible(body: bytes, config: ExtractConfig) -> bool:
@@ -360,8 +376,11 @@ def _collect(pages: Iterator[_Page], path: str, config: ExtractConfig, stats: di
             body = body[: config.max_page_bytes]
         if page.chinese is None and not _cjk_possible(body, config):
             continue
-        html = decode_html(body, page.rec.charset, (page.meta or {}).get("charset-detected"))
-        tree = LexborHTMLParser(html)
+        detected = (page.meta or {}).get("charset-detected")
+        if detected is not None and detected.lower().replace("-", "") == "utf8":
+            tree = LexborHTMLParser(body)  # CC detected UTF-8: lexbor decodes it itself, a third faster
+        else:
+            tree = LexborHTMLParser(decode_html(body, page.rec.charset, detected))
         if page.chinese is None:
             text = tree.body.text(separator=" ") if tree.body is not None else ""
             if not is_chinese_page(page, text, config):
@@ -371,10 +390,14 @@ def _collect(pages: Iterator[_Page], path: str, config: ExtractConfig, stats: di
 
 
 def extract_warc(path: str, config: ExtractConfig = ExtractConfig(), snapshot: str | None = None,
-                 cc=None) -> ExtractResult:
-    """All <img> candidates of the Chinese pages of one WARC file (a full scan), the dropped ones with a reason."""
+                 cc=None, replay: bool = True) -> ExtractResult:
+    """All <img> candidates of the Chinese pages of one WARC file (a full scan), the dropped ones with a reason.
+
+    `replay`: also list every response record by URL (for the WARC replay fetcher); a run that fetches over
+    HTTP does without it.
+    """
     stats = _new_stats()
-    replay: list[tuple] = []
+    replay = [] if replay else None
     rows: list[tuple] = []
     try:
         _collect(_pages(path, config, stats, replay, cc), path, config, stats, snapshot, rows)
@@ -384,7 +407,7 @@ def extract_warc(path: str, config: ExtractConfig = ExtractConfig(), snapshot: s
         stats["read_errors"] += 1
         stats["read_error"] = str(err)[:300]
     stats.pop("snapshot", None)
-    return ExtractResult(_frame(rows, stats), _replay_frame(replay), stats)
+    return ExtractResult(_frame(rows, stats), _replay_frame(replay or []), stats)
 
 
 def extract_selected(path: str, selected: pd.DataFrame, config: ExtractConfig = ExtractConfig(),
@@ -451,7 +474,8 @@ def _page_candidates(page: _Page, tree: LexborHTMLParser, snapshot: str, path: s
     """Append one row per <img> of the page: rules that need no URL first, then resolution (the costly part)."""
     page_url = page.rec.uri or ""
     base = page_url
-    base_node = tree.css_first("base[href]")
+    # a CSS query walks the whole tree: only when the page has a <base> at all
+    base_node = tree.css_first("base[href]") if page.has_base else None
     if base_node is not None:
         href = resolve_src(base_node.attributes.get("href") or "", page_url)
         base = href or page_url

@@ -35,17 +35,27 @@ class Record:
     type: str
     uri: str | None
     offset: int            # byte offset of the record in the (compressed) file
-    date: str | None
-    record_id: str | None
-    concurrent_to: str | None
+    _warc: object          # the WARC headers (a mapping with .get): date and ids are read from it when asked
     status: int | None     # HTTP status of a response record
-    mime: str | None       # HTTP Content-Type without parameters, lower-case
+    mime: str | None       # HTTP Content-Type without parameters, lower-case (a resource record: its own type)
     charset: str | None    # HTTP Content-Type charset, lower-case
     _headers: object = None  # HTTP headers: a dict, or the reader's header map, turned into a dict when asked
     _reader: object = None
     _declared: int | None = None
     truncated: bool = False
     _undo_encodings: bool = False  # FastWARC: check the HTTP transfer/content encodings when the payload is read
+
+    @property
+    def date(self) -> str | None:
+        return self._warc.get("WARC-Date")
+
+    @property
+    def record_id(self) -> str | None:
+        return self._warc.get("WARC-Record-ID")
+
+    @property
+    def concurrent_to(self) -> str | None:
+        return self._warc.get("WARC-Concurrent-To")
 
     @property
     def headers(self) -> dict[str, str]:
@@ -175,11 +185,10 @@ def _iter_fast(fh, path: str) -> Iterator[Record]:
     kinds = _FastType.warcinfo | _FastType.response | _FastType.metadata | _FastType.resource
     names = _FAST_NAMES
     # quirks_mode: ClueWeb-era WARCs end HTTP header lines with a bare LF, which the strict parser misreads.
-    # This loop runs once per record of ~1 GB files: one dict of the WARC headers (a case-insensitive get
-    # costs as much as the whole dict), the HTTP type from FastWARC's own parse, encodings only when read.
+    # This loop runs once per record of ~1 GB files: only the target URI is looked up here (dates and ids when
+    # asked), the HTTP type comes from FastWARC's own parse, encodings are checked only when a payload is read.
     for rec in _guarded(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True), path):
         wh = rec.headers
-        h = wh.to_dict()
         kind = names[int(rec.record_type)]
         http = rec.http_headers if rec.is_http else None
         if http is not None:
@@ -190,14 +199,12 @@ def _iter_fast(fh, path: str) -> Iterator[Record]:
             status = http.status_code
         else:
             charset, status = None, None
-            mime = _split_type(_get(h, wh, "Content-Type"))[0] if kind != "response" else None
+            mime = _split_type(wh.get("Content-Type"))[0] if kind == "resource" else None
         yield Record(
             type=kind,
-            uri=_bare_uri(_get(h, wh, "WARC-Target-URI")),
+            uri=_bare_uri(wh.get("WARC-Target-URI")),
             offset=rec.stream_pos,
-            date=_get(h, wh, "WARC-Date"),
-            record_id=_get(h, wh, "WARC-Record-ID"),
-            concurrent_to=_get(h, wh, "WARC-Concurrent-To") if kind == "metadata" else None,
+            _warc=wh,
             status=status,
             mime=mime,
             charset=charset,
@@ -206,12 +213,6 @@ def _iter_fast(fh, path: str) -> Iterator[Record]:
             _declared=rec.content_length,
             _undo_encodings=http is not None,
         )
-
-
-def _get(h: dict, headers, name: str) -> str | None:
-    """A WARC header by its standard spelling from the dict, else case-insensitively from the reader's map."""
-    value = h.get(name)
-    return value if value is not None or not h else headers.get(name)
 
 
 def _bare_uri(uri: str | None) -> str | None:
@@ -261,7 +262,7 @@ def _iter_warcio(fh, path: str) -> Iterator[Record]:
         http = rec.http_headers if rec.rec_type == "response" else None
         mime, charset = _split_type(http.get_header("Content-Type")) if http else (None, None)
         if http is None:
-            mime = _split_type(h.get_header("Content-Type"))[0] if rec.rec_type != "response" else None
+            mime = _split_type(h.get_header("Content-Type"))[0] if rec.rec_type == "resource" else None
         status = None
         if http is not None:
             try:
@@ -275,9 +276,7 @@ def _iter_warcio(fh, path: str) -> Iterator[Record]:
             type=rec.rec_type,
             uri=h.get_header("WARC-Target-URI"),
             offset=offset,
-            date=h.get_header("WARC-Date"),
-            record_id=h.get_header("WARC-Record-ID"),
-            concurrent_to=h.get_header("WARC-Concurrent-To"),
+            _warc={name: h.get_header(name) for name in ("WARC-Date", "WARC-Record-ID", "WARC-Concurrent-To")},
             status=status,
             mime=mime,
             charset=charset,
