@@ -136,6 +136,10 @@ class _Resolver:
         self.origin = f"{parts.scheme}://{parts.netloc}" if parts is not None and parts.hostname else None
         self.scheme = parts.scheme if self.origin else None
         self.host = _host(base) if self.origin else ""
+        directory = self.origin + parts.path[: parts.path.rfind("/") + 1] if self.origin else None
+        if directory is not None and (not parts.path.startswith("/") or "/." in directory):
+            directory = None  # urljoin would normalise the base's own path: leave it to urljoin
+        self.directory = directory
 
     def __call__(self, src: str) -> tuple[str | None, str]:
         raw = src
@@ -143,7 +147,7 @@ class _Resolver:
             src = _WS.sub("", src)
         src = src.strip()
         if self.origin is not None and _plain(src):
-            if src[:1] == "/" and src[1:2] != "/":
+            if src[:1] == "/" and "//" not in src:  # urljoin drops empty path segments
                 return self.origin + src, self.host
             if src.startswith("//"):
                 host = _plain_host(src, 2)
@@ -153,6 +157,9 @@ class _Resolver:
                 host = _plain_host(src, src.index("//") + 2)
                 if host:
                     return src, host
+            elif (self.directory is not None and src and src[0] not in ".?#" and "//" not in src
+                  and ":" not in src.split("/", 1)[0]):
+                return self.directory + src, self.host  # page-relative: the base's directory + the path
         url = resolve_src(raw, self.base)
         return url, (_host(url) if url else "")
 
@@ -179,28 +186,30 @@ def _plain_host(url: str, start: int) -> str:
     return host.lower()
 
 
+_SRCSET_URL = re.compile(r"[\s,]*(\S+)")
+
+
 def _srcset_candidates(srcset: str) -> Iterator[tuple[str, str]]:
     """(URL, descriptors) of a srcset, split as HTML's parser does: a URL is a run of non-space characters
     (commas inside it stay, trailing ones end it), its descriptors run to the next comma outside parentheses."""
     pos, n = 0, len(srcset)
-    while True:
-        while pos < n and (srcset[pos].isspace() or srcset[pos] == ","):
-            pos += 1
-        if pos >= n:
+    while pos < n:
+        m = _SRCSET_URL.match(srcset, pos)
+        if m is None:
             return
-        start = pos
-        while pos < n and not srcset[pos].isspace():
-            pos += 1
-        url = srcset[start:pos]
+        url, pos = m.group(1), m.end()
         if url.endswith(","):
             yield url.rstrip(","), ""
             continue
-        start, depth = pos, 0
-        while pos < n and (srcset[pos] != "," or depth):
-            depth += {"(": 1, ")": -1 if depth else 0}.get(srcset[pos], 0)
-            pos += 1
-        yield url, srcset[start:pos].strip()
-        pos += 1
+        comma = srcset.find(",", pos)
+        end = n if comma == -1 else comma
+        if "(" in srcset[pos:end]:  # a comma inside parentheses does not end the descriptors
+            depth, end = 0, pos
+            while end < n and (srcset[end] != "," or depth):
+                depth += {"(": 1, ")": -1 if depth else 0}.get(srcset[end], 0)
+                end += 1
+        yield url, srcset[pos:end].strip()
+        pos = end + 1
 
 
 def largest_srcset(srcset: str) -> str | None:

@@ -447,14 +447,17 @@ def test_fast_resolution_agrees_with_urljoin():
     from tasks.extract import _Resolver
 
     bases = ["https://www.example.cn/a/b/page.html?x=1", "http://例子.中国/", "https://h.example:8080/p",
-             "https://www.example.cn/"]
+             "https://www.example.cn/", "https://h.example/a/./b/c.html", "https://h.example/dir/",
+             "https://h.example", "https://h.example/a/../b/c.html#top"]
     srcs = ["/img/a.jpg", "/img/../b.jpg", "/./c.jpg", "//cdn.x.net/d.jpg", "https://o.example/e.jpg?q=1#f",
             "rel/f.jpg", "../g.jpg", "/h i.jpg", "/tab\tbed.jpg", "\\back.jpg", "/%E5%9B%BE.jpg", "/图片.jpg",
             "HTTPS://UP.EXAMPLE/J.JPG", "?only=query", "#frag", "/k.jpg?a=/../b", "http://a.example/x?",
             "https://user:pw@h.example/x", "https://[::1]/x", "https://[bad/x", "https://H.Example:80/X",
             "http://h.example/x#", "//h2.example/y?z", "//", "https:///nohost", "https://h.example/x?#",
             "https://h.example:port/x", "https://h.example/%41", "https://例子.中国/图.jpg", "http://h.example",
-            "https://h.example./x", "https://h.example/a/../b", "//h3.example", "/\x00.jpg"]
+            "https://h.example./x", "https://h.example/a/../b", "//h3.example", "/\x00.jpg", "img/p.jpg?w=1",
+            "img/../p.jpg", "a:b/c.jpg", "img/p.jpg#x", ".hidden.jpg", "x.jpg", "%20.jpg", "img//p.jpg", "/a//b.jpg",
+            "//h4.example/a//b.jpg", "https://h5.example/a//b.jpg"]
     for base in bases:
         resolver = _Resolver(base)
         for src in srcs:
