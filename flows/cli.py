@@ -1,4 +1,5 @@
-"""The `danqing` command: `run` curates WARC files (the sample crawl by default), `sample` writes it."""
+"""The `danqing` command: `run` curates WARC files or a snapshot (the sample crawl by default), `up` starts a
+local Prefect + Dask stack with the deployments, `sample` writes the sample crawl."""
 
 from __future__ import annotations
 
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--thresholds", metavar="FILE", help="JSON/YAML: section -> setting -> value")
     run.add_argument("--gpu-slots", type=int, default=1, help="concurrent model tasks (Prefect tag 'gpu')")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    up = sub.add_parser("up", help="a local stack: Prefect server + UI, deployments, work pools, workers, Dask")
+    up.add_argument("--port", type=int, default=4200, help="the Prefect server's port on 127.0.0.1 (default 4200)")
+    up.add_argument("--out", default=DEFAULT_OUT, help=f"output root; the stack's state is under <out>/.stack "
+                                                       f"(default {DEFAULT_OUT})")
+    up.add_argument("--gpu-slots", type=int, default=1, help="concurrent model tasks (Prefect tag 'gpu')")
     sample = sub.add_parser("sample", help="write the sample crawl")
     sample.add_argument("--out", default=f"{DEFAULT_OUT}/sample-crawl", help="directory for the WARC files")
     return p
@@ -98,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     try:
+        if args.command == "up":
+            from flows.up import up
+
+            return up(args.port, Path(args.out), args.gpu_slots)
         if args.command == "sample":
             crawl = _sample(Path(args.out))
             print(f"sample crawl: {', '.join(str(p) for p in crawl.warcs)}\nmanifest: {crawl.manifest}")
@@ -107,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"danqing: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # the flow's own failure (a ContractError, a stage bug): one clear line
+        from flows.up import StackError
         from tasks.models import ModelLoadError
 
-        if isinstance(err, ModelLoadError):
+        if isinstance(err, (ModelLoadError, StackError)):
             print(f"danqing: error: {err}", file=sys.stderr)
             return 2
         raise

@@ -104,9 +104,36 @@ def _progress(enabled: bool):
     return Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
-@flow(name="curate-snapshot", log_prints=True, task_runner=task_runner(None))  # a local Dask cluster by default
+def _flow_run_name() -> str:
+    """The snapshot id (or first WARC name) in the run's name, so runs read well in the UI."""
+    from prefect.runtime import flow_run
+
+    from flows.ops import run_name
+
+    params = flow_run.parameters.get("params")
+    try:
+        return run_name(params if isinstance(params, CurateParams) else CurateParams.model_validate(params or {}))
+    except ValueError:
+        return "curate"
+
+
+# A local Dask cluster by default (or DANQING_DASK_ADDRESS's scheduler)
+@flow(name="curate-snapshot", log_prints=True, task_runner=task_runner(None), flow_run_name=_flow_run_name)
 def curate_snapshot(params: CurateParams, progress: bool = False) -> dict:
-    """WARC files -> Chinese image-text pairs: webdataset shards, parquet metadata, rejects and a funnel report."""
+    """WARC files or a Common Crawl snapshot -> Chinese image-text pairs: webdataset shards, parquet metadata,
+    rejects and a funnel report. At most one run per snapshot is active at a time."""
+    if not params.snapshot:
+        return _curate(params, progress)
+    from prefect.concurrency.sync import concurrency
+
+    from flows.runtime import ensure_snapshot_limit
+
+    check_inputs(params)  # an unknown snapshot fails here, before waiting for its slot
+    with concurrency(ensure_snapshot_limit(params.snapshot), occupy=1, strict=True):
+        return _curate(params, progress)
+
+
+def _curate(params: CurateParams, progress: bool) -> dict:
     log = get_run_logger()
     warcs = check_inputs(params)
     models = resolve_models(params)

@@ -206,7 +206,7 @@ def prepare_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict]
     def commit() -> dict:
         for tmp, final in staged:
             os.replace(tmp, final)
-        _artifacts(report, md)
+        _artifacts(report, md, root)
         return report
 
     return commit
@@ -217,7 +217,10 @@ def _sum_hists(hists: list[list[int]]) -> list[int]:
     return [sum(h[i] for h in hists if i < len(h)) for i in range(size)]
 
 
-def _artifacts(report: dict, md: str) -> None:
+def _artifacts(report: dict, md: str, root: Path) -> None:
+    """The funnel table, report.md, and where the output is with the plots inline (the UI shows them)."""
+    import base64
+
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     key = re.sub(r"[^a-z0-9-]+", "-", f"funnel-{report['run_id']}".lower())[:100]
@@ -226,3 +229,10 @@ def _artifacts(report: dict, md: str) -> None:
              "not_run": ", ".join(s["not_run"])} for s in report["stages"]]
     create_table_artifact(key=key, table=rows, description=f"Funnel of run {report['run_id']}")
     create_markdown_artifact(key=f"{key}-md"[:100], markdown=md, description="report.md")
+    plots = "\n\n".join(
+        f"![{p.stem}](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()})"
+        for p in sorted(root.glob("report.*.png")))
+    where = (f"| output | path |\n|---|---|\n| dataset (webdataset + parquet) | `{root / 'dataset'}` |\n"
+             f"| rejects | `{root / 'rejects'}` |\n| report | `{root / 'report.md'}`, `{root / 'report.json'}` |\n"
+             f"| samples | {report['samples']} |\n\n{plots}\n")
+    create_markdown_artifact(key=f"{key}-output"[:100], markdown=where, description="where the run's output is")

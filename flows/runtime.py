@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from flows.settings import LocalClusterSpec, prefect_api_url
+from flows.settings import LocalClusterSpec, dask_address, prefect_api_url
 
 log = logging.getLogger("danqing")
 
@@ -109,12 +109,14 @@ def check_scheduler(address: str, timeout_s: float = 10.0) -> bool:
 
 
 def task_runner(address: str | None, spec: LocalClusterSpec | None = None, work_dir: Path | None = None):
-    """DaskTaskRunner on an existing scheduler, or on a LocalCluster with explicit limits.
+    """DaskTaskRunner on an existing scheduler (`address`, else DANQING_DASK_ADDRESS), or on a LocalCluster
+    with explicit limits.
 
     `work_dir` is the workers' scratch space (spilled data); default: Dask's temporary directory.
     """
     from prefect_dask import DaskTaskRunner
 
+    address = address or dask_address()
     if address:
         return DaskTaskRunner(address=address)
     import dask
@@ -145,3 +147,24 @@ def ensure_gpu_limit(slots: int) -> None:
             client.read_concurrency_limit_by_tag("gpu")
         except ObjectNotFound:
             client.create_concurrency_limit(tag="gpu", concurrency_limit=slots)
+
+
+def ensure_snapshot_limit(snapshot: str) -> str:
+    """A global concurrency limit of 1 for one snapshot (created when missing): its name.
+
+    Slots are leases that the holder renews, so a run killed mid-way frees its snapshot when the lease ends.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = f"snapshot-{snapshot}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it first
+                pass
+    return name

@@ -125,3 +125,8 @@ def env(name: str, default: str | None = None) -> str | None:
 
 def prefect_api_url() -> str | None:
     return env("PREFECT_API_URL") or None
+
+
+def dask_address() -> str | None:
+    """DANQING_DASK_ADDRESS: the scheduler that runs without --dask-address use (set by `danqing up`)."""
+    return env("DANQING_DASK_ADDRESS") or None

@@ -1,0 +1,145 @@
+"""Operations on a Prefect server: per-snapshot runs with idempotency keys, the newest crawl, backfills."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from flows.settings import CurateParams
+
+DEPLOYMENT = "curate-snapshot/curate-snapshot"  # flow name / deployment name, as deployments/prefect.yaml has it
+POOLS = ("danqing-cpu", "danqing-gpu")
+
+
+def idempotency_key(params: CurateParams) -> str:
+    """One key per snapshot and run settings: triggering the same snapshot again returns the run that exists.
+
+    The snapshot id leads the key so the UI's runs read well; the hash covers everything that changes the
+    run's output (selection, models, thresholds, output root), so a deliberately different run gets its own.
+    """
+    body = params.model_dump(mode="json")
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"curate:{params.snapshot or 'warcs'}:{digest}"
+
+
+def run_name(params: CurateParams) -> str:
+    """The flow-run name: the snapshot id (or the first WARC file's name) and a short key."""
+    what = params.snapshot or (Path(params.warcs[0]).name.split(".")[0] if params.warcs else "empty")
+    return f"{what}-{idempotency_key(params)[-6:]}"
+
+
+def trigger(params: CurateParams, deployment: str = DEPLOYMENT, as_subflow: bool = False):
+    """Create (or find, by idempotency key) the curate-snapshot run for `params`; returns without waiting."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment(
+        deployment, parameters={"params": params.model_dump(mode="json")}, timeout=0,
+        idempotency_key=idempotency_key(params), flow_run_name=run_name(params), as_subflow=as_subflow,
+        tags=[f"snapshot:{params.snapshot}"] if params.snapshot else None,
+    )
+
+
+def curated(out: str, snapshot: str) -> bool:
+    """Whether a finished run of `snapshot` (its report written last) is under the output root."""
+    return any(Path(out).glob(f"{snapshot}-*/report.json"))
+
+
+def _template(template: CurateParams | None) -> CurateParams:
+    return template or CurateParams()
+
+
+@flow(name="curate-latest", log_prints=True)
+def curate_latest(template: CurateParams | None = None, lookback: int = 1, deployment: str = DEPLOYMENT) -> dict:
+    """The newest Common Crawl snapshot (of the `lookback` newest) not yet curated under the output root,
+    triggered as one curate-snapshot run; its idempotency key makes a second trigger a no-op."""
+    from flows.curate import cc_config
+    from tasks.io.cc import list_crawls
+
+    log = get_run_logger()
+    template = _template(template)
+    crawls = [c["id"] for c in list_crawls(cc_config(template))][: max(1, lookback)]
+    todo = [c for c in crawls if not curated(template.out, c)]
+    if not todo:
+        log.info("the newest snapshot(s) %s are curated under %s: nothing to do", ", ".join(crawls), template.out)
+        return {"snapshot": None, "flow_run": None}
+    params = template.model_copy(update={"snapshot": todo[0], "warcs": []})
+    run = trigger(params, deployment, as_subflow=True)
+    log.info("snapshot %s: flow run %s (%s)", todo[0], run.name, run.id)
+    return {"snapshot": todo[0], "flow_run": str(run.id)}
+
+
+def snapshot_range(ids: list[str], first: str, last: str) -> list[str]:
+    """The crawls from `first` to `last` inclusive, oldest first, out of collinfo's newest-first list."""
+    missing = [s for s in (first, last) if s not in ids]
+    if missing:
+        raise ValueError(f"unknown Common Crawl snapshot(s) {missing}; the newest known are: {', '.join(ids[:5])}")
+    a, b = sorted((ids.index(first), ids.index(last)))
+    return list(reversed(ids[a:b + 1]))
+
+
+@flow(name="backfill", log_prints=True)
+def backfill(snapshots: list[str] | None = None, first: str | None = None, last: str | None = None,
+             template: CurateParams | None = None, deployment: str = DEPLOYMENT) -> list[dict]:
+    """One curate-snapshot run per snapshot (a list, or the range first..last), each a child of this run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.curate import cc_config
+    from tasks.io.cc import list_crawls
+
+    template = _template(template)
+    ids = [c["id"] for c in list_crawls(cc_config(template))]
+    if snapshots:
+        unknown = [s for s in snapshots if s not in ids]
+        if unknown:
+            raise ValueError(f"unknown Common Crawl snapshot(s) {unknown}; the newest known are: {', '.join(ids[:5])}")
+        chosen = list(dict.fromkeys(snapshots))
+    elif first or last:
+        chosen = snapshot_range(ids, first or last, last or first)
+    else:
+        raise ValueError("give snapshots, or first and last of a range")
+    runs = []
+    for snapshot in chosen:
+        run = trigger(template.model_copy(update={"snapshot": snapshot, "warcs": []}), deployment, as_subflow=True)
+        runs.append({"snapshot": snapshot, "flow_run": str(run.id), "name": run.name})
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()  # Prefect derives it from the API's address
+    rows = "\n".join(f"| {r['snapshot']} | [{r['name']}]({ui}/runs/flow-run/{r['flow_run']}) |" if ui else
+                     f"| {r['snapshot']} | {r['name']} ({r['flow_run']}) |" for r in runs)
+    create_markdown_artifact(f"| snapshot | curate-snapshot run |\n|---|---|\n{rows}\n", key="backfill-runs",
+                             description=f"backfill of {len(runs)} snapshot(s)")
+    return runs
+
+
+def ensure_limits(gpu_slots: int = 1) -> None:
+    """The server-side objects the deployments rely on: the work pools and the `gpu` tag limit."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from flows.runtime import ensure_gpu_limit
+
+    ensure_gpu_limit(gpu_slots)
+    with get_client(sync_client=True) as client:
+        for pool in POOLS:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            except ObjectAlreadyExists:
+                pass
+
+
+def ensure_limits_step(gpu_slots: int = 1) -> dict:
+    """deployments/prefect.yaml's build step (Prefect calls it by name at `prefect deploy`)."""
+    ensure_limits(gpu_slots)
+    return {"pools": list(POOLS), "gpu_limit": "gpu"}
+
+
+if __name__ == "__main__":  # `python -m flows.ops ensure-limits`: the deploy step of deployments/prefect.yaml
+    if sys.argv[1:2] == ["ensure-limits"]:
+        ensure_limits(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    else:
+        sys.exit("usage: python -m flows.ops ensure-limits [GPU_SLOTS]")

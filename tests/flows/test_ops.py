@@ -1,0 +1,192 @@
+"""Operations against a real Prefect server: deployments, a process worker, idempotent triggers, backfills,
+parameter validation, and `danqing up`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from _fixtures import fixture_path
+from cc_server import CRAWL, OTHER_CRAWL, build_layout, serve
+
+from flows.ops import backfill, curate_latest, idempotency_key, snapshot_range, trigger
+from flows.runtime import free_port
+from flows.settings import CurateParams
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFECT = [sys.executable, "-m", "prefect"]
+OFFLINE = {"http": {"resolve": []}, "source": {"min_words": 1}}
+
+
+def _env(api_url: str, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DANQING_")}
+    return {**env, "PREFECT_API_URL": api_url, "PWD": str(ROOT), **extra}
+
+
+def _client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server):
+    """`prefect deploy --all` from deployments/prefect.yaml, as the README tells a user to run it from the checkout:
+    the work pools first (deploy refuses a deployment whose pool does not exist)."""
+    res = subprocess.run([sys.executable, "-m", "flows.ops", "ensure-limits", "1"], cwd=ROOT, env=_env(prefect_server),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = subprocess.run([*PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+                         cwd=ROOT, env=_env(prefect_server), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return prefect_server
+
+
+@pytest.fixture(scope="module")
+def common_crawl(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cc-ops")
+    build_layout(root, [fixture_path("warc/warcfile.warc.gz")])
+    with serve(root) as server:
+        yield server
+
+
+def test_deploy_creates_the_three_deployments_pools_and_gpu_limit(deployed):
+    with _client() as client:
+        deployments = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
+        assert {"curate-snapshot/curate-snapshot", "curate-latest/curate-latest", "backfill/backfill"} <= set(
+            deployments)
+        latest = deployments["curate-latest/curate-latest"]
+        assert [(s.schedule.cron, s.schedule.timezone) for s in latest.schedules] == [("0 6 20 * *", "UTC")]
+        assert all(d.work_pool_name == "danqing-cpu" for d in deployments.values())
+        assert {p.name for p in client.read_work_pools()} >= {"danqing-cpu", "danqing-gpu"}
+        assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit >= 1
+
+
+def test_a_cli_triggered_run_is_picked_up_by_a_worker_and_completes(deployed, tmp_path):
+    params = {"params": {"warcs": [str(fixture_path("warc/warcfile.warc.gz"))], "out": str(tmp_path / "out"),
+                         "config": OFFLINE}}
+    worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "danqing-cpu", "--limit", "1"], cwd=ROOT,
+                              env=_env(deployed), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        res = subprocess.run([*PREFECT, "deployment", "run", "curate-snapshot/curate-snapshot", "--params",
+                              json.dumps(params)], cwd=ROOT, env=_env(deployed), capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        run_id = next(line.split()[-1] for line in res.stdout.splitlines() if "UUID" in line)
+        with _client() as client:
+            deadline = time.monotonic() + 420
+            while not (run := client.read_flow_run(run_id)).state.is_final():
+                assert time.monotonic() < deadline, f"run still {run.state.type}"
+                time.sleep(2)
+            assert run.state.is_completed(), run.state.message
+            assert run.name.startswith("warcfile-")  # named after its input
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        keys = {a.key for a in artifacts}
+        assert any(k.startswith("funnel-") and k.endswith("-output") for k in keys), keys
+        reports = list((tmp_path / "out").glob("*/report.json"))
+        assert len(reports) == 1 and json.loads(reports[0].read_text())["stages"][0]["pages_selected"] == 11
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+
+
+def test_the_same_snapshot_triggered_twice_is_one_run(deployed, tmp_path):
+    params = CurateParams(snapshot=CRAWL, warc_limit=1, out=str(tmp_path), cc_base_url="http://127.0.0.1:9")
+    first, again = trigger(params), trigger(params)
+    assert first.id == again.id and CRAWL in first.name
+    other = trigger(params.model_copy(update={"warc_limit": 2}))  # a different run of the same snapshot
+    assert other.id != first.id
+    assert idempotency_key(params).startswith(f"curate:{CRAWL}:")
+
+
+def test_backfill_fans_out_one_child_run_per_snapshot(deployed, common_crawl, tmp_path):
+    template = CurateParams(out=str(tmp_path), warc_limit=1, cc_base_url=common_crawl.url)
+    runs = backfill(snapshots=[CRAWL, OTHER_CRAWL, CRAWL], template=template)
+    assert [r["snapshot"] for r in runs] == [CRAWL, OTHER_CRAWL]
+    assert len({r["flow_run"] for r in runs}) == 2
+    again = backfill(first=OTHER_CRAWL, last=CRAWL, template=template)  # the range, oldest first: the same runs
+    assert [r["flow_run"] for r in again] == [r["flow_run"] for r in reversed(runs)]
+    with _client() as client:
+        child = client.read_flow_run(runs[0]["flow_run"])
+        assert child.parent_task_run_id is not None  # linked from the backfill run in the UI
+    with pytest.raises(ValueError, match="unknown Common Crawl snapshot"):
+        backfill(snapshots=["CC-MAIN-1999-01"], template=template)
+
+
+def test_curate_latest_runs_the_newest_snapshot_once(deployed, common_crawl, tmp_path):
+    template = CurateParams(out=str(tmp_path), warc_limit=1, cc_base_url=common_crawl.url)
+    first = curate_latest(template=template)
+    assert first["snapshot"] == CRAWL  # collinfo lists the newest first
+    assert curate_latest(template=template)["flow_run"] == first["flow_run"]
+    done = tmp_path / f"{CRAWL}-0123456789"
+    done.mkdir()
+    (done / "report.json").write_text("{}")
+    assert curate_latest(template=template)["snapshot"] is None  # curated already: nothing to do
+
+
+def test_snapshot_range_is_oldest_first_and_checked():
+    ids = ["CC-MAIN-2024-33", "CC-MAIN-2024-30", "CC-MAIN-2024-26"]
+    assert snapshot_range(ids, "CC-MAIN-2024-26", "CC-MAIN-2024-33") == ids[::-1]
+    assert snapshot_range(ids, "CC-MAIN-2024-30", "CC-MAIN-2024-30") == ["CC-MAIN-2024-30"]
+    with pytest.raises(ValueError, match="CC-MAIN-2000-01"):
+        snapshot_range(ids, "CC-MAIN-2000-01", "CC-MAIN-2024-33")
+
+
+def test_parameters_that_fail_validation_are_refused_by_the_api(deployed):
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    with _client() as client:
+        deployment = client.read_deployment_by_name("curate-snapshot/curate-snapshot")
+        for bad in ({"params": {"warc_limit": -1}}, {"params": {"select": "everything"}}, {"params": "x"}):
+            with pytest.raises(PrefectHTTPStatusError):
+                client.create_flow_run_from_deployment(deployment.id, parameters=bad)
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read() or b"null")
+
+
+def test_danqing_up_brings_the_stack_up_and_sigterm_leaves_nothing(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "DANQING_"))}
+    cmd = [sys.executable, "-m", "flows.cli", "up", "--port", str(port), "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        while line and "stack up" not in line:
+            line = proc.stdout.readline()
+        assert "stack up" in line, f"danqing up ended: {proc.poll()}"
+        api = f"http://127.0.0.1:{port}/api"
+        assert _get(f"{api}/health") is True
+        names = {d["name"] for d in json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{api}/deployments/filter", data=b"{}", headers={"Content-Type": "application/json"})).read())}
+        assert names == {"curate-snapshot", "curate-latest", "backfill"}
+        pools = {p["name"] for p in json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{api}/work_pools/filter", data=b"{}", headers={"Content-Type": "application/json"})).read())}
+        assert pools >= {"danqing-cpu", "danqing-gpu"}
+        assert _get(f"{api}/concurrency_limits/tag/gpu")["concurrency_limit"] == 1
+        assert (tmp_path / ".stack" / "prefect").is_dir()  # the database lives under --out
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "already running" in second.stderr
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert len(family) >= 5  # server, scheduler, worker, two Prefect workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
