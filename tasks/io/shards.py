@@ -7,7 +7,10 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def stable_hash(obj) -> str:
@@ -22,8 +25,27 @@ def _tmp(path: Path) -> Path:
 def write_parquet(frame: pd.DataFrame, path: Path, compression: str = "zstd") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    frame.reset_index(drop=True).to_parquet(tmp, index=False, compression=compression)
+    pq.write_table(_arrow(frame.reset_index(drop=True)), tmp, compression=compression)
     os.replace(tmp, path)
+
+
+def _arrow(frame: pd.DataFrame) -> pa.Table:
+    """The frame as Arrow; a column of equal-length numpy vectors becomes one fixed-size list array (pyarrow
+    would otherwise convert it element by element: seconds per shard of embeddings)."""
+    vectors = {}
+    for col in frame.columns:
+        values = frame[col].to_numpy()
+        if frame[col].dtype == object and len(values) and all(isinstance(v, np.ndarray) for v in values):
+            try:
+                mat = np.stack(values)
+            except ValueError:  # ragged: leave it to pyarrow
+                continue
+            if mat.ndim == 2 and mat.shape[1] > 0:
+                vectors[col] = pa.FixedSizeListArray.from_arrays(pa.array(mat.ravel()), mat.shape[1])
+    table = pa.Table.from_pandas(frame.drop(columns=list(vectors)), preserve_index=False)
+    for col, arr in vectors.items():
+        table = table.append_column(col, arr)
+    return table.select(list(frame.columns))
 
 
 def write_blobs(keys: list[str], blobs: list[bytes], path: Path) -> Path:
