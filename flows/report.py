@@ -88,6 +88,8 @@ def render_markdown(report: dict) -> str:
     ph = [s["stage"] for s in report["stages"] if s.get("placeholder_model")]
     if ph:
         lines += ["", f"**Placeholder model** in {', '.join(ph)}: those results exercise the code and judge nothing."]
+        if "refine" in ph:
+            lines.append("In refine only the [UNK] rule's tokenizer is a placeholder; the other text rules are real.")
     lines += ["", "## Stages", "", "| stage | in | kept | kept % of raw pairs | paper after | paper % of raw |",
               "|---|---:|---:|---:|---:|---:|"]
     for s in report["stages"]:
@@ -114,8 +116,8 @@ def render_markdown(report: dict) -> str:
         paper_prev = after
     thr = by["refine"].get("thresholds")
     if thr:
-        nsfw = f", classifier >= {thr['text_nsfw']}" if thr.get("text_nsfw") is not None else ""
-        lines += ["", f"Refine thresholds: LID Chinese probability >= {thr['lid']}, [UNK] tokens <= "
+        nsfw = f", classifier >= {thr['text_nsfw']:.4g}" if thr.get("text_nsfw") is not None else ""
+        lines += ["", f"Refine thresholds: LID Chinese probability >= {thr['lid']:.4g}, [UNK] tokens <= "
                       f"{thr['max_unk_tokens']}, word entropy >= {thr['entropy']:g} (corpus: {thr['entropy_corpus']})"
                       f"{nsfw}. `danqing calibrate` fits the unpublished ones to the paper's rates. Cleaning "
                       "(emoji, symbols, URLs, markup, zero-width, full-width) runs first and drops nothing."]
