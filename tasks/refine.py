@@ -247,7 +247,7 @@ def analyse(captions: list[str], config: RefineConfig, stop_words: frozenset[str
 
 def count_corpus(frame: pd.DataFrame, config: RefineConfig = RefineConfig()) -> Counter:
     """Words (as the entropy rule sees them) over a shard's captions: one part of a run's corpus table."""
-    captions = _captions(frame["alt_norm"].tolist(), config)
+    captions = _convert(_clean_all(frame["alt_norm"].tolist(), config), config)
     cut = _jieba().posseg.dt.cut
     counts: Counter = Counter()
     for caption in captions:
@@ -255,12 +255,15 @@ def count_corpus(frame: pd.DataFrame, config: RefineConfig = RefineConfig()) -> 
     return counts
 
 
-def _captions(texts: list, config: RefineConfig) -> list[str]:
-    cleaned = [clean_caption(t, config) if isinstance(t, str) else "" for t in texts]
-    if config.convert:
-        convert = _converter(config.convert).convert
-        cleaned = [convert(t) if t else t for t in cleaned]
-    return cleaned
+def _clean_all(texts: list, config: RefineConfig) -> list[str]:
+    return [clean_caption(t, config) if isinstance(t, str) else "" for t in texts]
+
+
+def _convert(cleaned: list[str], config: RefineConfig) -> list[str]:
+    if not config.convert:
+        return cleaned
+    convert = _converter(config.convert).convert
+    return [convert(t) if t else t for t in cleaned]
 
 
 def rule_failures(frame: pd.DataFrame, config: RefineConfig) -> dict[str, pd.Series]:
@@ -291,12 +294,9 @@ def refine_text(frame: pd.DataFrame, config: RefineConfig = RefineConfig(),
     """Add `caption` (cleaned, then converted), every rule's score, and drop_reason (the first rule failed)."""
     res = resources or load_resources(config)
     out = frame.copy()
-    cleaned = [clean_caption(t, config) if isinstance(t, str) else "" for t in out["alt_norm"].tolist()]
+    cleaned = _clean_all(out["alt_norm"].tolist(), config)
     lid = lid_scores(cleaned, config.lid_labels)  # on the script as written: fastText knows both
-    captions = cleaned
-    if config.convert:
-        convert = _converter(config.convert).convert
-        captions = [convert(t) if t else t for t in cleaned]
+    captions = _convert(cleaned, config)
     stop_only, has_noun, entropy = analyse(captions, config, res.stop_words, res.corpus)
     caption = pd.Series(captions, index=out.index, dtype="str")
     hits = res.keywords.hits(caption)
