@@ -1,5 +1,6 @@
 """The `danqing` command: `run` curates WARC files or a snapshot (the sample crawl by default), `up` starts a
-local Prefect + Dask stack with the deployments, `sample` writes the sample crawl."""
+local Prefect + Dask stack with the deployments, `calibrate` fits a run's unpublished thresholds to the paper's
+removal rates, `sample` writes the sample crawl."""
 
 from __future__ import annotations
 
@@ -53,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--out", default=DEFAULT_OUT, help=f"output root; the stack's state is under <out>/.stack "
                                                        f"(default {DEFAULT_OUT})")
     up.add_argument("--gpu-slots", type=int, default=1, help="concurrent model tasks (Prefect tag 'gpu')")
+    cal = sub.add_parser("calibrate", help="fit a run's unpublished thresholds to the paper's removal rates")
+    cal.add_argument("run_dir", metavar="RUN_DIR", help="a finished run: <out>/<run-id>")
+    cal.add_argument("--out", metavar="FILE", help="thresholds file to write (default RUN_DIR/thresholds.json); "
+                                                   "use it with `danqing run --thresholds FILE`")
     sample = sub.add_parser("sample", help="write the sample crawl")
     sample.add_argument("--out", default=f"{DEFAULT_OUT}/sample-crawl", help="directory for the WARC files")
     return p
@@ -94,6 +99,25 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import json
+
+    from flows.calibrate import calibrate_run
+    from tasks.calibrate import render_fits
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no run.json): pass <out>/<run-id>")
+    settings, fits = calibrate_run(run_dir)
+    out = Path(args.out) if args.out else run_dir / "thresholds.json"
+    out.write_text(json.dumps(settings, indent=1, ensure_ascii=False) + "\n")
+    for section, rows in fits.items():
+        print(f"[{section}] removal as a share of each step's input, ours beside the paper's (Table 6)")
+        print(render_fits(rows))
+    print(f"thresholds: {out}  (danqing run --thresholds {out})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Dask's per-worker INFO lines drown the progress bars; set before distributed is first imported,
@@ -112,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             crawl = _sample(Path(args.out))
             print(f"sample crawl: {', '.join(str(p) for p in crawl.warcs)}\nmanifest: {crawl.manifest}")
             return 0
+        if args.command == "calibrate":
+            return cmd_calibrate(args)
         return cmd_run(args)
     except (FileNotFoundError, ValueError, ConnectionError) as err:
         print(f"danqing: error: {err}", file=sys.stderr)

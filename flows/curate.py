@@ -14,6 +14,8 @@ from flows.report import prepare_report
 from flows.runtime import ensure_gpu_limit, task_runner
 from flows.settings import CurateParams, LocalClusterSpec, build_config, check_config, config_dict
 from tasks.io import shards
+from tasks.lexicon import Lexicon
+from tasks.refine import load_stop_words
 from tasks.source import load_lists
 
 STEP_ORDER = (*steps.STEPS, "write")  # the shard steps in pipeline order, then the dataset writer
@@ -68,6 +70,9 @@ def check_inputs(params: CurateParams) -> list[str]:
     """The cheap checks that can fail before anything starts: settings, role names, then the inputs."""
     check_config(params.config)
     load_lists(build_config("source", params.config.get("source")))  # a missing or empty list file fails now
+    refine = build_config("refine", params.config.get("refine"))
+    Lexicon.load(refine.keyword_lists + refine.extra_keyword_lists)
+    load_stop_words(refine.stop_word_lists + refine.extra_stop_word_lists)
     unknown = sorted(set(params.models) - {"embed", "align", "tokenizer", "nsfw_image", "nsfw_text"})
     if unknown:
         raise ValueError(f"unknown model role(s) {unknown}")
@@ -82,7 +87,7 @@ def resolve_models(params: CurateParams) -> dict:
     from tasks.models import check_text_classifier, resolve_model
 
     resolved = {}
-    for role in ("embed", "align"):
+    for role in ("embed", "align", "tokenizer"):
         r = resolve_model(role, params.models.get(role))  # logs its own fallback warning
         resolved[role] = (r.name, r.placeholder, r.source)
     if params.models.get("nsfw_text"):  # optional: only a named classifier joins the source stage
@@ -158,7 +163,10 @@ def _curate(params: CurateParams, progress: bool) -> dict:
     rindex = steps.replay_index.submit(ctx, futures["extract"]) if params.fetcher == "replay" else None
     futures["source"] = [steps.source.submit(ctx, s, e) for s, e in zip(ids, futures["extract"], strict=True)]
     futures["fetch"] = [steps.fetch.submit(ctx, s, u, rindex) for s, u in zip(ids, futures["source"], strict=True)]
-    futures["refine"] = [steps.refine.submit(ctx, s, u) for s, u in zip(ids, futures["fetch"], strict=True)]
+    corpus = None
+    if ctx.cfg("refine").entropy_corpus == "run":  # the entropy rule's p(w) counted over this run's captions
+        corpus = steps.word_counts.submit(ctx, futures["fetch"])
+    futures["refine"] = [steps.refine.submit(ctx, s, u, corpus) for s, u in zip(ids, futures["fetch"], strict=True)]
     futures["image"] = [steps.image.submit(ctx, s, u) for s, u in zip(ids, futures["refine"], strict=True)]
     with _gpu_placement(params.gpu_resource):
         futures["embed"] = [steps.embed.submit(ctx, s, u) for s, u in zip(ids, futures["image"], strict=True)]
@@ -178,6 +186,8 @@ def _curate(params: CurateParams, progress: bool) -> dict:
                     reduces["replay_index"] = rindex.result()
                 if selection is not None:
                     reduces["cc_index"] = selection.result()
+                if corpus is not None:
+                    reduces["word_counts"] = corpus.result()
                 commit_report = prepare_report(ctx, results, reduces)
             bar_id = bar.add_task(step, total=len(ids)) if bar else None
             results[step] = []

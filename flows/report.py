@@ -11,34 +11,11 @@ from pathlib import Path
 
 from flows.steps import BUILT_RULES, STEPS
 from schemas.reasons import STAGES, stage_reasons
+from tasks.paper import PAPER_AFTER, PAPER_STAGE_AFTER
+from tasks.paper import SOURCE as PAPER_SOURCE
 
 # Which shard steps count toward each reported stage, in pipeline order (STEPS says which stage each feeds).
 STAGE_STEPS = {stage: tuple(step for step, (owner, _) in STEPS.items() if owner == stage) for stage in STAGES}
-
-# DanQing Table 6: pairs left after each rule (SPEC.md). Rules the paper merged share one row.
-PAPER_AFTER = [
-    ("raw pairs", None, 1_047_085_609),
-    ("language + safety", ("source.caption_not_chinese", "source.text_nsfw"), 726_334_674),
-    ("source + length", ("source.blacklisted_site", "source.word_count"), 706_069_936),
-    ("download", tuple(stage_reasons("fetch")), 475_104_485),
-    ("Chinese LID", ("refine.lid",), 467_455_303),
-    ("stop words", ("refine.stop_words",), 442_680_171),
-    ("nouns", ("refine.no_noun",), 431_878_774),
-    ("[UNK]", ("refine.unk_tokens",), 431_619_647),
-    ("entropy", ("refine.low_entropy",), 400_068_251),
-    ("text safety", ("refine.text_safety",), 397_187_759),
-    ("geometry", ("image.geometry",), 352_663_012),
-    ("low texture", ("image.low_texture",), 352_204_550),
-    ("blur", ("image.blur",), 333_255_945),
-    ("image entropy", ("image.low_entropy",), 316_359_868),
-    ("redundancy", ("image.duplicate",), 186_019_602),
-    ("image safety", ("image.nsfw",), 178_601_215),
-    ("alignment band", ("align.out_of_band",), 154_293_590),
-    ("cross-batch dedup", ("crossbatch.duplicate",), 99_892_381),
-]
-PAPER_STAGE_AFTER = {"extract": 1_047_085_609, "source": 706_069_936, "fetch": 475_104_485,
-                     "refine": 397_187_759, "image": 178_601_215, "align": 154_293_590, "crossbatch": 99_892_381}
-
 
 def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], built: dict[str, tuple]) -> dict:
     """Sum the per-shard markers into SPEC's report: all seven stages, chained counts, full reason names."""
@@ -82,6 +59,12 @@ def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], 
         by["image"]["placeholder_model"] = True
     if align_placeholder:
         by["align"]["placeholder_model"] = True
+    if ctx.models.get("tokenizer", (None, False))[1]:  # the [UNK] rule counted with the placeholder tokenizer
+        by["refine"]["placeholder_model"] = True
+    refine = ctx.cfg("refine")
+    by["refine"]["thresholds"] = {"lid": refine.lid_threshold, "max_unk_tokens": refine.max_unk_tokens,
+                                  "entropy": refine.entropy_threshold, "entropy_corpus": refine.entropy_corpus,
+                                  "text_nsfw": refine.text_nsfw_threshold if "nsfw_text" in ctx.models else None}
     band = reduces.get("align_band", {}).get("extra", {})
     by["align"]["band"] = {k: band.get(k) for k in ("low", "high", "fitted", "n", "target_removal", "low_share")}
     return {
@@ -91,7 +74,7 @@ def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], 
         "lancedb": reduces.get("lancedb", {}).get("extra", {}),
         "shards": len(ex),
         "samples": sum(m["kept"] for m in results.get("crossbatch", [])),  # every row crossbatch keeps is written
-        "paper": {"stage_after": PAPER_STAGE_AFTER, "source": "DanQing (arXiv 2601.10305) Table 6"},
+        "paper": {"stage_after": PAPER_STAGE_AFTER, "source": PAPER_SOURCE},
     }
 
 
@@ -105,6 +88,8 @@ def render_markdown(report: dict) -> str:
     ph = [s["stage"] for s in report["stages"] if s.get("placeholder_model")]
     if ph:
         lines += ["", f"**Placeholder model** in {', '.join(ph)}: those results exercise the code and judge nothing."]
+        if "refine" in ph:
+            lines.append("In refine only the [UNK] rule's tokenizer is a placeholder; the other text rules are real.")
     lines += ["", "## Stages", "", "| stage | in | kept | kept % of raw pairs | paper after | paper % of raw |",
               "|---|---:|---:|---:|---:|---:|"]
     for s in report["stages"]:
@@ -129,6 +114,13 @@ def render_markdown(report: dict) -> str:
                      f"{100 * (paper_prev - after) / paper_prev:.1f} |")
         ours_in -= removed
         paper_prev = after
+    thr = by["refine"].get("thresholds")
+    if thr:
+        nsfw = f", classifier >= {thr['text_nsfw']:.4g}" if thr.get("text_nsfw") is not None else ""
+        lines += ["", f"Refine thresholds: LID Chinese probability >= {thr['lid']:.4g}, [UNK] tokens <= "
+                      f"{thr['max_unk_tokens']}, word entropy >= {thr['entropy']:g} (corpus: {thr['entropy_corpus']})"
+                      f"{nsfw}. `danqing calibrate` fits the unpublished ones to the paper's rates. Cleaning "
+                      "(emoji, symbols, URLs, markup, zero-width, full-width) runs first and drops nothing."]
     band = by["align"].get("band") or {}
     if band.get("low") is not None:
         how = "fitted to the paper's removal rate by quantiles" if band.get("fitted") else "fixed"

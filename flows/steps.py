@@ -260,8 +260,58 @@ def _text_classifier(ctx: RunContext):
     return load_text_classifier(_resolved(ctx, "nsfw_text"))
 
 
-refine = task(name="refine", task_run_name="refine-{shard}", cache_policy=NO_CACHE)(
-    _simple("refine", refine_stage, "refine_text"))
+@task(name="refine", task_run_name="refine-{shard}", cache_policy=NO_CACHE)
+def refine(ctx: RunContext, shard: str, upstream: dict, corpus: dict | None = None) -> dict:
+    """Stage 2 on one shard; `corpus` is the run's word table (the word-counts reduce) when the config asks."""
+    cfg = ctx.cfg("refine")
+    resources = refine_resources(ctx, cfg, corpus)
+
+    def compute():
+        resources.classifier = _text_classifier(ctx)
+        return refine_stage.refine_text(_read(ctx, "fetch", shard), cfg, resources), {}, {}
+
+    config = {**config_dict(cfg), **resources.fingerprint, "tokenizer": ctx.models.get("tokenizer"),
+              "nsfw_text": ctx.models.get("nsfw_text")}
+    return run_shard_step(ctx, "refine", shard, [upstream["hash"], corpus["hash"] if corpus else None], compute,
+                          config)
+
+
+def refine_resources(ctx: RunContext, cfg, corpus: dict | None = None) -> refine_stage.RefineResources:
+    """The lists, corpus and [UNK] counter of the run's refine config; models load only when a shard computes."""
+    table = None
+    if corpus is not None:
+        counts = shards.read_parquet(output(ctx, corpus, ".parquet"))
+        table = refine_stage.Corpus.from_counts(dict(zip(counts["word"], counts["count"], strict=True)),
+                                                corpus["hash"])
+    count_unknown = None
+    if "tokenizer" in ctx.models and not ctx.models["tokenizer"][1]:
+        from tasks.models import count_unknown_tokens
+
+        resolved = _resolved(ctx, "tokenizer")
+        count_unknown = lambda texts: count_unknown_tokens(resolved, texts)  # noqa: E731
+    return refine_stage.load_resources(cfg, count_unknown, corpus=table)
+
+
+@task(name="word-counts", cache_policy=NO_CACHE)
+def word_counts(ctx: RunContext, fetches: list[dict]) -> dict:
+    """Reduce: every word of every caption entering refine, counted over the run (refine.entropy_corpus=run)."""
+    cfg = ctx.cfg("refine")
+
+    def compute(out: Path) -> dict:
+        from collections import Counter
+
+        total: Counter = Counter()
+        for m in fetches:
+            total.update(refine_stage.count_corpus(_read(ctx, "fetch", m["shard"]), cfg))
+        words = sorted(total)
+        shards.write_parquet(pd.DataFrame({"word": pd.Series(words, dtype="str"),
+                                           "count": pd.Series([total[w] for w in words], dtype="int64")}), out)
+        return {"words": len(words), "tokens": int(sum(total.values()))}
+
+    identity = {k: v for k, v in config_dict(cfg).items() if k in ("convert", "strip_urls", "hmm")}
+    return run_reduce(ctx, "word_counts", ".parquet", [identity, *[m["hash"] for m in fetches]], compute)
+
+
 image = task(name="image", task_run_name="image-{shard}", cache_policy=NO_CACHE)(
     _simple("image", image_stage, "filter_images"))
 

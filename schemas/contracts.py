@@ -73,9 +73,16 @@ class FetchedSchema(FetchedMetaSchema):
 
 
 class RefinedSchema(FetchedMetaSchema):
-    """refine output: the refined caption (what `<key>.txt` holds)."""
+    """refine output: the refined caption (what `<key>.txt` holds) and every text rule's score."""
 
     caption: Series[str] = pa.Field(str_length={"min_value": 1})
+    lid_score: Series[np.float64] = pa.Field(ge=0.0, le=1.0)  # fastText's Chinese probability
+    stop_only: Series[bool]
+    has_noun: Series[bool]
+    unk_tokens: Series[np.int64] = pa.Field(ge=0)
+    word_entropy: Series[np.float64] = pa.Field(ge=0.0)
+    safety_keyword: Series[str] = pa.Field(nullable=True)  # "<list>:<keyword>" of the first hit
+    text_nsfw_score: Series[np.float64] = pa.Field(nullable=True, ge=0.0, le=1.0)  # NaN: no classifier asked
 
 
 class FilteredImageSchema(RefinedSchema):

@@ -501,6 +501,7 @@ def _build() -> _Builder:
         b.page(2, f"{zh}/travel/2025/04/{stem}.html", imgs)
     _source_filter_cases(b, zh)
     _extraction_cases(b, zh)
+    _refine_cases(b, zh)
     return b
 
 
@@ -562,6 +563,34 @@ def _extraction_cases(b: _Builder, zh: str) -> None:
         _Img("https://stats.sample-zh.test/pixel.gif?id=xiaochi", b.caption(), "extract.tracking_pixel",
              "tracking_pixel", extra=(("width", "1"), ("height", "1")), resolved=False),
     ])
+
+
+# --- stage-2 text-refinement cases ----------------------------------------------------------------------------
+# Captions that pass stage 1 (Chinese, 8-25 words, no adult keyword, listed site) and then fail one refine rule
+# under the default thresholds, each named by the first rule it fails. Drawn after every other case.
+_REFINE_CAPTIONS = [
+    # Japanese written in kanji only: no kana for stage 1 to see, but fastText reads it as Japanese.
+    ("refine.lid", "kanji_only_japanese", "東京都庁舎展望室夜景撮影会場案内図、横浜中華街春節祭写真展示会場入口"),
+    ("refine.lid", "kanji_only_japanese", "東京駅丸之内駅舎保存復原工事完成記念写真展示会場風景"),
+    # Nothing but the buttons and file words that pages put in alt attributes.
+    ("refine.stop_words", "boilerplate_only", "点击查看原图，下载高清大图，更多图片请关注"),
+    ("refine.no_noun", "no_noun", "慢慢地走过来，然后轻轻地坐下，又悄悄地离开"),
+    # Six Han characters of CJK Extension B: outside a character vocabulary (the placeholder tokenizer's too).
+    ("refine.unk_tokens", "rare_characters", "博物馆展出的古籍里有𠀋𡈽𡌛𡑮𡢽𠮟几个生僻字，讲解员正在为游客逐一解释"),
+    # A list of rare words and no common one: near-zero entropy under jieba's dictionary frequencies.
+    ("refine.low_entropy", "rare_word_list", "镧系 钆 铽 镝 钬 铒 铥 镱 镥"),
+    # An advertising phrase from the ads list, which stage 1 (adult list only) leaves to stage 2.
+    ("refine.text_safety", "ads_keyword", "老街巷口的电线杆上贴满了兼职日结的小广告，清洁工人正在清理"),
+]
+
+
+def _refine_cases(b: _Builder, zh: str) -> None:
+    """One page whose pairs are fetched and then dropped by each refine rule."""
+    def small() -> str:  # fetched, then dropped for its caption: a small image keeps the sample small
+        return b.serve(b.image_url(), _encode(b.pixels((128, 112)), quality=60))
+
+    imgs = [_Img(small(), alt, expected, case) for expected, case, alt in _REFINE_CAPTIONS]
+    b.page(2, f"{zh}/life/2025/05/tupian.html", imgs)
 
 
 def _junk_bytes() -> bytes:

@@ -10,12 +10,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from tasks.refine import SCORE_COLUMNS as REFINE_SCORES
+
 # The dataset's metadata columns: img2dataset's names where they exist, DanQing's `alt_text`, then scores.
 METADATA_COLUMNS = [
     "key", "url", "caption", "alt_text", "page_url", "snapshot", "width", "height", "sha256",
     "original_width", "original_height", "mime", "word_count", "align_cosine",
     "page_host", "image_host", "warc_file", "warc_offset", "warc_date",
+    *REFINE_SCORES,
 ]
+# Scores a rejects file keeps when the frame has them, so thresholds can be refitted from kept rows and rejects.
+SCORE_COLUMNS = list(REFINE_SCORES)
 REJECT_COLUMNS = [
     "key", "url", "page_url", "alt_text", "drop_reason", "snapshot", "page_host", "image_host",
     "warc_file", "warc_offset",
@@ -30,6 +35,9 @@ def rejects(frame: pd.DataFrame) -> pd.DataFrame:
     """The columns every rejects file has, whatever stage dropped the rows."""
     out = pd.DataFrame({c: frame[c] if c in frame.columns else pd.Series(pd.NA, index=frame.index, dtype="str")
                         for c in REJECT_COLUMNS})
+    for c in SCORE_COLUMNS:
+        if c in frame.columns:
+            out[c] = frame[c]
     return out.reset_index(drop=True)
 
 

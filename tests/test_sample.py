@@ -29,6 +29,7 @@ SPEC_REASONS = {f"{stage}.{r}" for stage, reasons in REASONS.items() for r in re
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _HAN = re.compile(r"[\u4e00-\u9fff]")
 _LATIN = re.compile(r"[A-Za-z]+")
+REFINE_RULES = ("lid", "stop_words", "no_noun", "unk_tokens", "low_entropy", "text_safety")
 SOURCE_FILTER_CASES = {  # stage 1's safety and site rules, and their order on a page that fails several
     "nsfw_keyword", "nsfw_keyword_fullwidth", "nsfw_keyword_entity", "blacklisted_page_host",
     "blacklisted_image_host", "order_not_chinese_first", "order_nsfw_before_site", "order_site_before_word_count",
@@ -207,7 +208,7 @@ def test_every_reason_is_a_spec_name_and_every_case_is_present(manifest):
     assert {
         "extract.no_src", "extract.bad_url", "extract.duplicate", "source.caption_not_chinese", "source.text_nsfw",
         "source.blacklisted_site", "source.word_count", "fetch.http_error", "fetch.not_image", "fetch.decode_error",
-        "image.geometry",
+        "image.geometry", *(f"refine.{r}" for r in REFINE_RULES),
     } <= {m["expected"] for m in imgs}
     expected_cases = {
         "good", "gbk", "traditional", "no_src", "data_uri", "javascript_src", "duplicate_src", "relative_src",
@@ -219,7 +220,7 @@ def test_every_reason_is_a_spec_name_and_every_case_is_present(manifest):
         *SOURCE_FILTER_CASES,
     }
     assert expected_cases <= {m["case"] for m in imgs}
-    assert 140 <= len(imgs) <= 170
+    assert 140 <= len(imgs) <= 185
     assert sum(m["expected"] == "kept" for m in imgs) >= 100
 
 
@@ -349,4 +350,21 @@ def test_kept_images_are_distinct_photo_like_and_pass_quality_rules(manifest, re
 
 
 def test_sample_stays_small(crawl):
-    assert sum(p.stat().st_size for p in [*crawl.warcs, crawl.manifest]) < 6_000_000
+    # a few MB: small enough for every end-to-end test
+    assert sum(p.stat().st_size for p in [*crawl.warcs, crawl.manifest]) < 6_100_000
+
+
+def test_refine_cases_fail_their_rule_under_the_default_config(manifest):
+    """Each refine case passes stage 1 and is dropped by its own rule, as the stage itself computes it."""
+    import pandas as pd
+
+    from tasks.refine import refine_text
+    from tasks.source import select_sources
+
+    imgs = [m for m in manifest if m["kind"] == "img" and m["expected"].startswith("refine.")]
+    assert {m["expected"] for m in imgs} == {f"refine.{r}" for r in REFINE_RULES}
+    frame = pd.DataFrame({"key": [f"{i:020x}" for i in range(len(imgs))], "alt_text": [m["alt_text"] for m in imgs],
+                          "url": [m["url"] for m in imgs], "page_url": [m["page_url"] for m in imgs]})
+    sourced = select_sources(frame)
+    assert sourced["drop_reason"].isna().all()
+    assert refine_text(sourced)["drop_reason"].tolist() == [m["expected"] for m in imgs]

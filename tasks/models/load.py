@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.models.embedding import EmbeddingModel, l2_normalise, to_rgb
-from tasks.models.placeholder import PlaceholderModel
+from tasks.models.placeholder import PlaceholderModel, placeholder_unknown_tokens
 from tasks.models.resolve import (
     MODELSCOPE_PREFIX,
     ModelLoadError,
@@ -125,11 +125,11 @@ def load_model(resolved: ResolvedModel, device: str | None = None, batch_size: i
 def count_unknown_tokens(resolved: ResolvedModel, texts: list[str]) -> list[int]:
     """Per text, how many tokens the model's tokenizer maps to its unknown id (special tokens excluded).
 
-    The placeholder has no tokenizer and counts 0 for every text, so the [UNK] rule then drops nothing.
+    The placeholder counts the characters outside a character-level Chinese vocabulary (it judges nothing).
     Byte-fallback tokenizers (SigLIP2's Gemma) rarely produce unknowns at all; that is their nature.
     """
     if resolved.placeholder:
-        return [0] * len(texts)
+        return placeholder_unknown_tokens(list(texts))
     text = _text_side(resolved)
     unk = text.tokenizer.unk_token_id
     if unk is None or not texts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import unicodedata
 from typing import TYPE_CHECKING
 
@@ -79,3 +80,18 @@ def _hashed_ngrams(text: str) -> np.ndarray:
             index, sign = _bucket(chars[start : start + n])
             vector[index] += sign
     return vector
+
+
+# The placeholder tokenizer's vocabulary, by character: ASCII, Latin-1 and Latin Extended-A, general
+# punctuation, CJK symbols, kana, the basic CJK Unified Ideographs block and full-width forms, i.e. what a
+# character-level Chinese vocabulary (BERT-Chinese style) covers. Anything else (rare Han characters of the
+# extension blocks, other scripts) is one unknown token, as it would be under such a vocabulary.
+_PLACEHOLDER_UNKNOWN = re.compile(
+    r"[^\s\u0021-\u007e\u00a0-\u017f\u2000-\u206f\u3000-\u30ff\u4e00-\u9fff\uff00-\uffef]"
+)
+
+
+def placeholder_unknown_tokens(texts: list[str]) -> list[int]:
+    """Per text, the characters outside the placeholder tokenizer's vocabulary: it exercises the [UNK] rule
+    offline and judges nothing about any real tokenizer."""
+    return [len(_PLACEHOLDER_UNKNOWN.findall(t)) for t in texts]

@@ -76,6 +76,12 @@ def test_check_inputs_fails_on_a_missing_or_empty_list_file_before_any_work(tmp_
     sites.write_text("# nothing yet\n", encoding="utf-8")
     with pytest.raises(ValueError, match="sites.txt.*holds no entries"):
         check_inputs(CurateParams(warcs=[str(w)], config={"source": {"site_blacklists": [str(sites)]}}))
+    # Stage 2's lists too: its keyword lists and its stop-word lists.
+    with pytest.raises(FileNotFoundError, match="my-keywords.txt"):
+        check_inputs(CurateParams(warcs=[str(w)], config={"refine": {"extra_keyword_lists": [missing]}}))
+    with pytest.raises(FileNotFoundError, match="stop-word list.*my-stops.txt"):
+        check_inputs(CurateParams(warcs=[str(w)],
+                                  config={"refine": {"extra_stop_word_lists": [str(tmp_path / "my-stops.txt")]}}))
 
 
 def test_a_named_text_classifier_is_checked_before_any_work(tmp_path):

@@ -1,0 +1,48 @@
+"""`danqing calibrate`: fit a finished run's unpublished thresholds to the paper's removal rates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from flows.settings import build_config
+from tasks import refine as refine_stage
+from tasks.calibrate import Chain, Fit, fit_chain
+from tasks.io import shards
+
+# The stages whose rules declare calibrated scores, with the step whose rows they judged.
+CHAINS: dict[str, tuple[str, Chain]] = {"refine": ("refine", refine_stage.CHAIN)}
+
+
+def stage_rows(run_dir: Path, step: str) -> pd.DataFrame:
+    """Every row that entered `step`: its kept rows and its rejects, with the scores stored on both."""
+    frames = [shards.read_parquet(p) for p in sorted((run_dir / "steps" / step).glob("[0-9]*.parquet"))
+              if p.name.count(".") == 1]
+    frames += [shards.read_parquet(p) for p in sorted((run_dir / "rejects").glob(f"{step}-*.parquet"))]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def calibrate_run(run_dir: Path) -> tuple[dict, dict[str, list[Fit]]]:
+    """(thresholds: the run's own settings with every fitted threshold replaced, fits per stage)."""
+    run = json.loads((run_dir / "run.json").read_text())
+    settings = {k: dict(v) for k, v in (run.get("params", {}).get("config") or {}).items()}
+    fits = {}
+    for section, (step, chain) in CHAINS.items():
+        rows = stage_rows(run_dir, step)
+        if rows.empty:
+            raise ValueError(f"{run_dir}: no rows of step {step!r} stored (did the run finish that step?)")
+        missing = [r.column for r in chain.scored if r.column not in rows.columns]
+        if missing:
+            raise ValueError(f"{run_dir}: step {step!r} stored no scores {missing}: re-run it with this version")
+        config = build_config(section, settings.get(section))
+        fitted, fits[section] = fit_chain(rows, config, chain)
+        changed = {r.setting: getattr(fitted, r.setting) for r in chain.scored
+                   if getattr(fitted, r.setting) != getattr(config, r.setting)}
+        if changed:
+            settings[section] = {**settings.get(section, {}), **changed}
+    for section, values in settings.items():
+        build_config(section, values)  # what we write must load back
+    return settings, fits
