@@ -739,15 +739,9 @@ def fastwarc_scan(path: Path) -> int:
 
 
 def best_of(runs: dict, repeat: int) -> tuple[dict[str, float], dict]:
-    """Fastest time of each callable over `repeat` rounds, run alternately; and each one's last result."""
-    times = {name: [] for name in runs}
-    results = {}
-    for _ in range(repeat):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: min(ts) for name, ts in times.items()}, results
+    from bench.common import best_of as shared  # the checkout is on sys.path (ROOT above)
+
+    return shared(runs, repeat)
 
 
 def candidate_rows(frame) -> Counter:

@@ -22,7 +22,6 @@ import argparse
 import json
 import random
 import sys
-import time
 from collections import deque
 from pathlib import Path
 
@@ -48,15 +47,9 @@ def load_captions(path: Path = CAPTIONS) -> tuple[list[str], str]:
 
 
 def best_of(runs: dict, repeat: int) -> tuple[dict[str, float], dict]:
-    """Fastest time of each callable over `repeat` rounds, run alternately; and each one's last result."""
-    times = {name: [] for name in runs}
-    results = {}
-    for _ in range(repeat):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: min(ts) for name, ts in times.items()}, results
+    from bench.common import best_of as shared  # the checkout is on sys.path (ROOT above)
+
+    return shared(runs, repeat)
 
 
 def main(argv: list[str] | None = None) -> dict:

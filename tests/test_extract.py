@@ -426,8 +426,7 @@ def test_lazy_srcset_svg_and_beacons(tmp_path):
     ]
     assert _plain(cand["src"])[:2] == ["/loading.gif", "data:image/gif;base64,R0lGOD=="]  # the raw src stays
     assert _plain(cand["alt_text"])[-1] is None and _plain(cand["title"])[-1] == "只有标题"
-    titled, _, _ = (lambda p: (extract_warc(str(p), ExtractConfig(title_as_alt=True)), None, None))(
-        tmp_path / "tiny.warc.gz")
+    titled = extract_warc(str(tmp_path / "tiny.warc.gz"), ExtractConfig(title_as_alt=True))
     assert _plain(titled.candidates["alt_text"])[-1] == "只有标题"
 
 
