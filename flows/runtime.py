@@ -15,6 +15,7 @@ from pathlib import Path
 from flows.settings import LocalClusterSpec, dask_address, prefect_api_url
 
 log = logging.getLogger("danqing")
+SCHEDULER_TIMEOUT_S = 10
 
 
 def free_port() -> int:
@@ -93,7 +94,7 @@ def _drain_prefect_clients(timeout_s: float = 10.0) -> None:
     EventsWorker.drain_all(timeout=timeout_s)
 
 
-def check_scheduler(address: str, timeout_s: float = 10.0) -> bool:
+def check_scheduler(address: str, timeout_s: float = SCHEDULER_TIMEOUT_S) -> bool:
     """Connect to an existing Dask scheduler; a clear error (not a hang) when it cannot be reached.
 
     Returns whether any worker offers the `GPU` resource.
@@ -117,8 +118,8 @@ def task_runner(address: str | None, spec: LocalClusterSpec | None = None, work_
     from prefect_dask import DaskTaskRunner
 
     address = address or dask_address()
-    if address:
-        return DaskTaskRunner(address=address)
+    if address:  # an unreachable scheduler is an error after 10 s, not Dask's default 30 s of retries
+        return DaskTaskRunner(address=address, client_kwargs={"timeout": SCHEDULER_TIMEOUT_S})
     import dask
 
     spec = spec or LocalClusterSpec()

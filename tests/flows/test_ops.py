@@ -190,3 +190,17 @@ def test_danqing_up_brings_the_stack_up_and_sigterm_leaves_nothing(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_deployment_pointed_at_an_unreachable_scheduler_fails_clearly(prefect_server, tmp_path, monkeypatch):
+    """DANQING_DASK_ADDRESS is how deployments find the cluster: a dead address ends the run with its name."""
+    from flows.curate import curate_snapshot
+    from flows.runtime import task_runner
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("DANQING_DASK_ADDRESS", address)
+    params = CurateParams(warcs=[str(fixture_path("warc/warcfile.warc.gz"))], out=str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(OSError, match="127.0.0.1"):
+        curate_snapshot.with_options(task_runner=task_runner(None))(params)
+    assert time.monotonic() - started < 60
