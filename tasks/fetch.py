@@ -14,8 +14,7 @@ from PIL import Image
 from tasks.io.http import FetchResult
 
 STAGE = "fetch"
-RULES = ("http_error", "timeout", "too_large", "not_image", "decode_error")  # opt_out, robots, blocked_address:
-# the fetcher issue
+RULES = ("http_error", "timeout", "too_large", "not_image", "decode_error", "opt_out", "robots", "blocked_address")
 
 # Magic bytes -> MIME: Content-Type headers lie too often to be trusted.
 _MAGIC = (

@@ -14,6 +14,7 @@ from warcio.warcwriter import WARCWriter
 
 from tasks.fetch import FetchConfig, decode_image, fetch_images, sniff_mime
 from tasks.io.http import HTTP_ERROR, TIMEOUT, TOO_LARGE, FetchResult
+from tasks.io.polite import BLOCKED_ADDRESS, OPT_OUT, ROBOTS
 from tasks.io.replay import ReplayConfig, ReplayFetcher
 from tasks.io.warc import iter_records
 
@@ -201,11 +202,13 @@ def test_fetch_images_on_an_empty_shard():
 # ---------------------------------------------------------------- WARC replay
 
 
-def _write_image_warc(path, records: list[tuple[str, int, str, bytes]]) -> None:
+def _write_image_warc(path, records: list[tuple]) -> None:
+    """Records of (url, status, content type, body[, extra headers])."""
     with open(path, "wb") as fh:
         writer = WARCWriter(fh, gzip=True)
-        for url, status, ctype, body in records:
-            http = StatusAndHeaders(f"{status} X", [("Content-Type", ctype)], protocol="HTTP/1.1")
+        for url, status, ctype, body, *extra in records:
+            headers = [("Content-Type", ctype), *(extra[0] if extra else [])]
+            http = StatusAndHeaders(f"{status} X", headers, protocol="HTTP/1.1")
             writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body),
                                                           http_headers=http))
 
@@ -269,3 +272,24 @@ def test_fetch_stage_over_replay(image_warc):
     assert out["image"].iloc[0] == jpg
     assert out["sha256"].iloc[2] == hashlib.sha256(gif).hexdigest()
     assert list(zip(out["width"], out["height"], strict=True)) == [(150, 120), (0, 0), (40, 30), (0, 0)]
+
+
+def test_replay_applies_the_fetch_policy(tmp_path):
+    """Opt-out headers on the record, the host's robots.txt record, and literal private addresses."""
+    path = tmp_path / "policy.warc.gz"
+    jpg = jpeg(150, 120)
+    _write_image_warc(path, [
+        ("http://img.example.cn/robots.txt", 200, "text/plain", b"User-agent: *\nDisallow: /members/\n"),
+        ("http://img.example.cn/members/a.jpg", 200, "image/jpeg", jpg),
+        ("http://img.example.cn/public/b.jpg", 200, "image/jpeg", jpg),
+        ("http://img.example.cn/public/c.jpg", 200, "image/jpeg", jpg, [("X-Robots-Tag", "noimageai")]),
+        ("http://10.0.0.1/d.jpg", 200, "image/jpeg", jpg),
+        ("http://other.example.cn/members/e.jpg", 200, "image/jpeg", jpg),  # no robots.txt held: allowed
+    ])
+    urls = ["http://img.example.cn/members/a.jpg", "http://img.example.cn/public/b.jpg",
+            "http://img.example.cn/public/c.jpg", "http://10.0.0.1/d.jpg", "http://other.example.cn/members/e.jpg"]
+    res = ReplayFetcher(_replay_index([path])).fetch_many(urls)
+    assert [r.reason for r in res] == [ROBOTS, None, OPT_OUT, BLOCKED_ADDRESS, None]
+    relaxed = ReplayFetcher(_replay_index([path]), ReplayConfig(robots=False, opt_out=False,
+                                                                allow_networks=("10.0.0.0/8",)))
+    assert all(r.ok for r in relaxed.fetch_many(urls))

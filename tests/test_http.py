@@ -2,14 +2,16 @@
 
 import asyncio
 import socket
-import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
+from local_http import serve
 
 from tasks.io.http import HTTP_ERROR, TIMEOUT, TOO_LARGE, HttpConfig, HttpFetcher
+from tasks.io.polite import BLOCKED_ADDRESS, OPT_OUT, ROBOTS, AddressGuard, opted_out
 
 HOST = "images.example.test"  # only reachable through the `resolve` mapping, so no test needs DNS
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -24,6 +26,7 @@ class Seen:
 
 
 SEEN = web.AppKey("seen", Seen)
+HITS = web.AppKey("hits", defaultdict)  # path -> requests that reached the server
 
 
 async def image(request: web.Request) -> web.Response:
@@ -52,6 +55,45 @@ async def endless(request: web.Request) -> web.StreamResponse:
     for _ in range(1000):
         await resp.write(b"x" * 1024)
     return resp
+
+
+async def gigabyte(request: web.Request) -> web.StreamResponse:
+    # 1 GB in 64 KiB chunks, generated as sent: the fetcher must walk away at its cap, not read it all.
+    resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    chunk = b"\xff" * 65536
+    for _ in range(1_000_000_000 // len(chunk)):
+        await resp.write(chunk)
+    return resp
+
+
+async def robots_txt(request: web.Request) -> web.Response:
+    return web.Response(text="User-agent: *\nDisallow: /private/\n\nUser-agent: otherbot\nDisallow: /\n")
+
+
+async def opt_out(request: web.Request) -> web.Response:
+    request.app[HITS][request.path] += 1
+    return web.Response(body=IMAGE, headers={"X-Robots-Tag": request.match_info["directive"].replace("_", " ")})
+
+
+async def fail_first(request: web.Request) -> web.Response:
+    """Fails with {code} on the first request of each {id} (429 and 503 saying Retry-After: 1), then serves."""
+    hits = request.app[HITS]
+    hits[request.path] += 1
+    if hits[request.path] == 1 or request.match_info["id"].startswith("always"):
+        code = int(request.match_info["code"])
+        headers = {"Retry-After": "1"} if code in (429, 503) and "ra" in request.match_info["id"] else {}
+        return web.Response(status=code, text="try later", headers=headers)
+    return web.Response(body=IMAGE, content_type="image/png")
+
+
+async def loop_redirect(request: web.Request) -> web.Response:
+    raise web.HTTPFound(f"/loop/{1 - int(request.match_info['n'])}")
+
+
+async def redirect_to(request: web.Request) -> web.Response:
+    raise web.HTTPFound(f"http://{request.match_info['address']}/x.png")
 
 
 async def big_length(request: web.Request) -> web.StreamResponse:
@@ -96,41 +138,35 @@ def server():
     """The app, served from its own loop on a background thread so the fetcher can block this one."""
     app = web.Application()
     app[SEEN] = Seen()
+    app[HITS] = defaultdict(int)
     app.router.add_get("/image.png", image)
     app.router.add_get("/status/{code}", status)
     app.router.add_get("/trickle", trickle)
     app.router.add_get("/endless", endless)
+    app.router.add_get("/gigabyte", gigabyte)
     app.router.add_get("/big-length", big_length)
     app.router.add_get("/redirect/{left}", redirect)
     app.router.add_get("/to-ftp", to_ftp)
     app.router.add_get("/reset", reset)
     app.router.add_get("/held", held)
-
-    # Handlers the client walked away from are cancelled, so teardown does not wait on their sleeps.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> None:
-        await runner.setup()
-        await web.SockSite(runner, sock).start()
-
-    asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
-    try:
-        yield app[SEEN], sock.getsockname()[1]
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
+    app.router.add_get("/robots.txt", robots_txt)
+    app.router.add_get("/private/{name}", image)
+    app.router.add_get("/opt-out/{directive}", opt_out)
+    app.router.add_get("/fail-first/{code}/{id}", fail_first)
+    app.router.add_get("/loop/{n}", loop_redirect)
+    app.router.add_get("/to/{address}", redirect_to)
+    with serve(app) as port:
+        yield app[SEEN], port, app[HITS]
 
 
 @pytest.fixture
 def seen(server):
     return server[0]
+
+
+@pytest.fixture
+def hits(server):
+    return server[2]
 
 
 @pytest.fixture
@@ -140,7 +176,10 @@ def url(server):
 
 
 def config(**overrides) -> HttpConfig:
-    fields = dict(total_timeout_s=2.0, max_bytes=STREAM_LIMIT, max_redirects=2, resolve=((HOST, "127.0.0.1"),))
+    # The server is on loopback, which the SSRF guard refuses: these tests opt in explicitly. No retries
+    # unless a test asks, so failure tests stay fast and exact.
+    fields = dict(total_timeout_s=2.0, max_bytes=STREAM_LIMIT, max_redirects=2, resolve=((HOST, "127.0.0.1"),),
+                  allow_networks=("127.0.0.0/8",), retries=0, backoff_s=0.01)
     return HttpConfig(**(fields | overrides))
 
 
@@ -347,3 +386,175 @@ def test_config_rejects_nonsense():
         HttpConfig(per_host=0)
     with pytest.raises(ValueError):
         HttpFetcher(HttpConfig(resolve=(("a.test", "not-an-ip"),)))
+
+
+# ---------------------------------------------------------------- SSRF guard
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.100.100.200", "168.63.129.16",
+    "0.0.0.0", "224.0.0.1", "100.64.0.1", "::1", "::", "fe80::1", "fd00:ec2::254", "fc00::1", "ff02::1",
+    "::ffff:10.0.0.1", "::ffff:127.0.0.1",
+])
+def test_guard_refuses_non_public_addresses(address):
+    assert AddressGuard().why_blocked(address) is not None
+    assert AddressGuard(enabled=False).why_blocked(address) is None
+
+
+def test_guard_allows_public_addresses_and_the_allow_list():
+    assert AddressGuard().why_blocked("93.184.216.34") is None
+    assert AddressGuard().why_blocked("2606:2800:220:1:248:1893:25c8:1946") is None
+    assert AddressGuard(allow=["10.1.0.0/16"]).why_blocked("10.1.2.3") is None
+    assert AddressGuard(allow=["10.1.0.0/16"]).why_blocked("10.2.0.1") is not None
+
+
+@pytest.mark.parametrize("target", ["http://10.0.0.1/a.jpg", "http://169.254.169.254/latest/meta-data/",
+                                    "http://[::1]:9/a.png", "http://0.0.0.0:9/a.png"])
+def test_literal_private_addresses_are_refused_without_connecting(target):
+    start = time.monotonic()
+    result = HttpFetcher(HttpConfig(connect_timeout_s=5, retries=2)).fetch_many([target])[0]
+    assert (result.reason, result.status, result.attempts, result.transient) == (BLOCKED_ADDRESS, None, 0, False)
+    assert time.monotonic() - start < 1  # 10.0.0.1 is unroutable here: dialling it would hang until the timeout
+
+
+def test_hostname_resolving_to_a_private_address_is_refused():
+    start = time.monotonic()
+    result = HttpFetcher(HttpConfig(resolve=(("intranet.example.test", "10.0.0.1"),), connect_timeout_s=5)
+                         ).fetch_many(["http://intranet.example.test/a.jpg"])[0]
+    assert (result.reason, result.attempts) == (BLOCKED_ADDRESS, 0)
+    assert "intranet.example.test resolves to 10.0.0.1 is a private address" == result.error
+    assert time.monotonic() - start < 1
+
+
+def test_loopback_needs_the_allow_list(url):
+    # The same server as every other test, but without the opt-in: refused before any request.
+    assert fetch_one(url("/image.png"), allow_networks=()).reason == BLOCKED_ADDRESS
+
+
+def test_redirect_to_a_private_address_is_refused(url):
+    result = fetch_one(url("/to/10.0.0.1"))
+    assert (result.reason, result.status) == (BLOCKED_ADDRESS, 302)
+    assert result.error == "10.0.0.1 is a private address"
+
+
+def test_redirect_to_loopback_is_refused_without_connecting():
+    """A server on 127.0.0.2 (the only allowed address) redirects to 127.0.0.1, where a listener waits."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        target = f"127.0.0.1:{listener.getsockname()[1]}"
+        app = web.Application()
+        app.router.add_get("/to/{address}", redirect_to)
+        with serve(app, "127.0.0.2") as port:
+            result = HttpFetcher(HttpConfig(allow_networks=("127.0.0.2/32",), robots=False)).fetch_many(
+                [f"http://127.0.0.2:{port}/to/{target}"])[0]
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody ever connected
+    assert (result.reason, result.status, result.error) == (BLOCKED_ADDRESS, 302, "127.0.0.1 is a loopback address")
+
+
+def test_redirect_loop_is_http_error(url):
+    result = fetch_one(url("/loop/0"), max_redirects=5)
+    assert (result.reason, result.status) == (HTTP_ERROR, 302)
+    assert result.error.startswith("redirect loop at ")
+
+
+# ---------------------------------------------------------------- robots.txt and opt-out
+
+
+def test_robots_disallow_is_refused_and_fetched_once_per_host(url, seen):
+    fetcher = HttpFetcher(config())
+    results = fetcher.fetch_many([url("/private/a.png"), url("/image.png"), url("/private/b.png")])
+    assert [r.reason for r in results] == [ROBOTS, None, ROBOTS]
+    assert results[0].attempts == 0 and not results[0].transient
+    assert list(fetcher._robots.values())[0] is not None and len(fetcher._robots) == 1  # one host, one robots.txt
+    assert fetch_one(url("/private/a.png"), robots=False).ok  # it can be turned off
+    other = fetch_one(url("/image.png"), user_agent="otherbot/2.0")  # the group for otherbot disallows all
+    assert other.reason == ROBOTS
+
+
+@pytest.mark.parametrize("directive, reason", [
+    ("noai", OPT_OUT), ("noimageai", OPT_OUT), ("noindex", OPT_OUT), ("noimageindex", OPT_OUT),
+    ("nofollow,_noarchive", None), ("otherbot:_noai", None), ("danqing:_noimageai", OPT_OUT),
+])
+def test_x_robots_tag_opt_out(url, directive, reason):
+    assert fetch_one(url(f"/opt-out/{directive}")).reason == reason
+    if reason:
+        assert fetch_one(url(f"/opt-out/{directive}"), opt_out=False).ok
+
+
+def test_opted_out_parses_scoped_groups():
+    assert opted_out({"x-robots-tag": "googlebot: noindex, noai"}, "danqing") is None  # noai scoped to googlebot
+    assert opted_out({"x-robots-tag": "max-snippet: 5, noimageai"}, "danqing") == "noimageai"
+    assert opted_out({}, "danqing") is None
+
+
+# ---------------------------------------------------------------- retries, backoff, circuit breaker, rate
+
+
+def test_503_then_200_is_retried(url, hits):
+    result = fetch_one(url("/fail-first/503/a"), retries=2)
+    assert (result.ok, result.attempts, result.status) == (True, 2, 200)
+    assert hits["/fail-first/503/a"] == 2
+
+
+def test_429_retry_after_is_honoured(url, hits):
+    start = time.monotonic()
+    result = fetch_one(url("/fail-first/429/ra-b"), retries=1)
+    assert (result.ok, result.attempts) == (True, 2)
+    assert time.monotonic() - start >= 1.0  # Retry-After: 1, far above the 0.01 s backoff
+    too_long = fetch_one(url("/fail-first/429/ra-c"), retries=1, max_retry_after_s=0.5)
+    assert (too_long.reason, too_long.status, too_long.attempts, too_long.transient) == (HTTP_ERROR, 429, 1, True)
+
+
+@pytest.mark.parametrize("code, transient", [(404, False), (403, False), (500, True), (503, True), (429, True)])
+def test_only_transient_failures_are_retried(url, hits, code, transient):
+    path = f"/fail-first/{code}/always-{code}"
+    result = fetch_one(url(path), retries=2)
+    assert (result.reason, result.status, result.transient) == (HTTP_ERROR, code, transient)
+    assert result.attempts == hits[path] == (3 if transient else 1)
+
+
+def test_slow_drip_past_the_deadline_is_retried_then_timeout(url):
+    result = fetch_one(url("/trickle"), total_timeout_s=0.3, retries=1)
+    assert (result.reason, result.attempts, result.transient) == (TIMEOUT, 2, True)
+
+
+def test_circuit_breaker_stops_asking_a_failing_host(url, hits):
+    targets = [url(f"/fail-first/500/always-cb{i}") for i in range(10)]
+    results = HttpFetcher(config(per_host=1, retries=0, breaker_failures=3)).fetch_many(targets)
+    assert [r.reason for r in results] == [HTTP_ERROR] * 10
+    assert sum(hits[f"/fail-first/500/always-cb{i}"] for i in range(10)) == 3
+    assert [r.attempts for r in results] == [1, 1, 1] + [0] * 7
+    assert results[-1].error.startswith("circuit open after 3 failures in a row") and results[-1].transient
+
+
+def test_per_host_rate_limit(url):
+    start = time.monotonic()
+    results = HttpFetcher(config(per_host_rate=20)).fetch_many([url(f"/held?i={i}") for i in range(11)])
+    assert all(r.ok for r in results)
+    assert time.monotonic() - start >= 0.45  # 11 starts at 20/s span 0.5 s
+
+
+def test_dns_is_looked_up_once_per_host(url, monkeypatch):
+    lookups = []
+    real = asyncio.base_events.BaseEventLoop.getaddrinfo
+
+    async def recording_getaddrinfo(self, host, *args, **kwargs):
+        lookups.append(host)
+        return await real(self, host, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", recording_getaddrinfo)
+    fetcher = HttpFetcher(config(resolve=None, allow_networks=("127.0.0.0/8", "::1/128")))
+    local = url("/image.png").replace(HOST, "localhost")
+    assert all(r.ok for r in fetcher.fetch_many([local] * 5))
+    assert all(r.ok for r in fetcher.fetch_many([local]))  # a later call of the same fetcher reuses the cache
+    assert lookups == ["localhost"]
+
+
+def test_gigabyte_body_is_aborted_at_the_cap(url):
+    start = time.monotonic()
+    result = fetch_one(url("/gigabyte"), max_bytes=1_000_000)
+    assert (result.reason, result.status, result.body) == (TOO_LARGE, 200, None)
+    assert time.monotonic() - start < 2

@@ -102,7 +102,9 @@ def test_http_fetcher_against_a_local_server(prefect_server, tmp_path):
                                                  f"<html><body><p>{CAPTION}</p>{imgs}</body></html>")])
         (tmp_path / "empty.warc.gz").write_bytes(b"")
         params = CurateParams(warcs=[str(tmp_path / "pages.warc.gz"), str(tmp_path / "empty.warc.gz")],
-                              out=str(tmp_path / "out"), config={"http": {"max_bytes": 200_000}})
+                              out=str(tmp_path / "out"),
+                              # the server is on loopback, which the SSRF guard refuses unless allowed
+                              config={"http": {"max_bytes": 200_000, "allow_networks": ["127.0.0.1/32"]}})
         result = curate(params, cluster=IN_PROCESS)
     finally:
         server.shutdown()
