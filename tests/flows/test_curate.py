@@ -54,10 +54,14 @@ def _fates(run_dir: Path) -> tuple[dict[str, str], pd.DataFrame]:
 def test_sample_run_report_follows_the_contract(sample_run):
     run_dir = Path(sample_run["run_dir"])
     check_report(run_dir / "report.json", "--kept-all", "--complete", "source", "--fired", "source", "--complete",
-                 "extract", "--fired", "extract")
+                 "extract", "--fired", "extract", "--complete", "fetch")
     report = json.loads((run_dir / "report.json").read_text())
     stages = {s["stage"]: s for s in report["stages"]}
-    assert stages["extract"]["pages_total"] == 39 and stages["extract"]["pages_selected"] == 34
+    assert stages["extract"]["pages_total"] == 41 and stages["extract"]["pages_selected"] == 36
+    for reason in ("fetch.opt_out", "fetch.robots", "fetch.blocked_address", "fetch.decode_error",
+                   "image.geometry", "image.low_texture", "image.blur", "image.low_entropy"):
+        assert stages[reason.split(".")[0]]["dropped"][reason] > 0, reason
+    assert set(stages["image"]["not_run"]) == {"image.duplicate", "image.nsfw"}
     assert stages["image"]["placeholder_model"] and stages["align"]["placeholder_model"]
     assert set(stages["refine"]["not_run"]) == {f"refine.{r}" for r in
                                                 ("lid", "stop_words", "no_noun", "unk_tokens", "low_entropy",
