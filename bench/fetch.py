@@ -1,0 +1,368 @@
+"""Benchmark: the fetch stage (tasks/io/http.py + tasks/fetch.py) against img2dataset, and our JPEG decode.
+
+A local HTTP server in its own process serves real photos (../shared/fixtures/images, each re-encoded as JPEG
+at several sizes) under --urls distinct URLs, with injected trouble, fixed per URL by a seeded draw:
+20-200 ms latency before the headers; 5% answer 404; 2% answer 429 with `Retry-After: 1` on their first request
+(then 200); 1% are slow drips (a few bytes, then one byte every 0.5 s, and the connection closed after 15 s
+with the body incomplete). Both sides fetch the same URL list and end in the same work: decode, shrink to a
+256 px longer side keeping the ratio (never enlarging), JPEG re-encode at quality 95, write a shard.
+
+- Ours: the URL list split into --shards shards fetched at once, each by its own HttpFetcher with
+  concurrency = per_host = --concurrency / --shards (so both sides keep --concurrency requests in flight), then
+  tasks.fetch.fetch_shard (FetchConfig(max_side=256): sniff, draft decode, EXIF, resize, quality metrics, JPEG)
+  and the pipeline's blob writer. Robots.txt is on (the server has none: one 404 per shard), retries 2, a 10 s
+  total deadline per attempt, no per-host rate limit (one host here would make a rate the bottleneck), the SSRF
+  guard on with 127.0.0.1/32 allowed. Runs in a subprocess; CPU = that process's CPU time from after its imports
+  to the end (all threads).
+- img2dataset 1.47.0 from its own venv (bench/setup_baselines.sh): `--processes_count 1 --thread_count
+  <concurrency> --retries 2 --timeout 10 --resize_mode keep_ratio --resize_only_if_bigger True --image_size 256
+  --output_format webdataset`. CPU = the whole process tree's CPU time (rusage of the waited child), minus the
+  CPU of the same command on a one-URL list (its start-up: imports, pool spawn), the median of two such runs.
+
+Figures: speedup_vs_img2dataset = (our successes / our CPU s) / (its successes / its CPU s); success_rate and
+img2dataset_success_rate over all URLs; slowest_shard_over_median = our slowest shard's wall time / the median
+shard's. gigabyte_peak_rss_mb: peak RSS of a fresh fetch process that asks for a 1 GB streamed body (default
+20 MB cap; it ends as fetch.too_large) beside its RSS right before the request.
+
+Decode: JPEGs of 512x512 and 1600x1200 (from the same photos) to 224x224 bicubic RGB, tasks.fetch.decode_resized
+(draft: DCT-domain downscale) against plain Pillow (open, convert RGB, resize); --rounds paired rounds, each
+timing both on the same images back to back, order alternating; the figure is the median of the per-round
+ratios (plain time / ours).
+
+Last stdout line: one JSON object of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's tasks/, not an installed copy
+SHARED_IMAGES = ROOT.parent / "shared" / "fixtures" / "images"
+SIDES = (320, 512, 1024, 1600)  # longer sides of the served copies: every one is shrunk to 256 by both sides
+DRIP_S = 15.0  # a slow drip closes after this, incomplete: longer than both sides' 10 s deadline
+SEED = 20260115
+
+
+def photos() -> list[bytes]:
+    """Every fixture photo, RGB, re-encoded as JPEG at each of SIDES (enlarged where smaller)."""
+    from PIL import Image
+
+    out = []
+    for path in sorted(SHARED_IMAGES.rglob("*")):
+        if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+            continue
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+        for side in SIDES:
+            scale = side / max(rgb.size)
+            copy = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))),
+                              Image.Resampling.BICUBIC)
+            buf = io.BytesIO()
+            copy.save(buf, "JPEG", quality=90)
+            out.append(buf.getvalue())
+    if not out:
+        raise SystemExit(f"no fixture images under {SHARED_IMAGES}")
+    return out
+
+
+def fate(i: int) -> tuple[str, float]:
+    """(kind, latency s) of URL i: ok, 404, 429 (first request only) or drip; fixed by the seed."""
+    rng = random.Random(SEED * 1_000_003 + i)
+    draw = rng.random()
+    kind = "404" if draw < 0.05 else "429" if draw < 0.07 else "drip" if draw < 0.08 else "ok"
+    return kind, rng.uniform(0.02, 0.2)
+
+
+# ---------------------------------------------------------------- the server (its own process)
+
+
+def serve(port_file: str, n_images: int) -> None:
+    from aiohttp import web
+
+    images = photos()[:n_images] if n_images else photos()
+    asked: set[int] = set()
+
+    async def image(request: web.Request) -> web.StreamResponse:
+        i = int(request.match_info["i"])
+        kind, latency = fate(i)
+        await asyncio.sleep(latency)
+        if kind == "404":
+            return web.Response(status=404, text="not found")
+        if kind == "429" and i not in asked:
+            asked.add(i)
+            return web.Response(status=429, text="slow down", headers={"Retry-After": "1"})
+        body = images[i % len(images)]
+        if kind != "drip":
+            return web.Response(body=body, content_type="image/jpeg")
+        resp = web.StreamResponse(headers={"Content-Type": "image/jpeg", "Content-Length": str(len(body))})
+        await resp.prepare(request)
+        await resp.write(body[:16])
+        end = time.monotonic() + DRIP_S
+        k = 16
+        while time.monotonic() < end:
+            await asyncio.sleep(0.5)
+            await resp.write(body[k:k + 1])
+            k += 1
+        request.transport.close()  # incomplete: the client sees a broken body, never an image
+        return resp
+
+    async def gigabyte(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        chunk = b"\xff" * 65536
+        for _ in range(1_000_000_000 // len(chunk)):
+            await resp.write(chunk)
+        return resp
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/img/{i}.jpg", image)
+        app.router.add_get("/gigabyte", gigabyte)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
+        await site.start()
+        Path(port_file + ".tmp").write_text(str(site._server.sockets[0].getsockname()[1]))
+        os.replace(port_file + ".tmp", port_file)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def start_server(work: Path, n_images: int = 0) -> tuple[subprocess.Popen, int]:
+    port_file = work / "port"
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file), "--n-images", str(n_images)],
+                            cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the benchmark server did not start")
+        time.sleep(0.1)
+    return proc, int(port_file.read_text())
+
+
+# ---------------------------------------------------------------- our side (a subprocess)
+
+
+def ours(urls_file: str, out_dir: str, shards: int, concurrency: int) -> None:
+    import concurrent.futures
+
+    import pandas as pd
+
+    from tasks.fetch import FetchConfig, fetch_shard
+    from tasks.io import shards as shard_io
+    from tasks.io.http import HttpConfig, HttpFetcher
+
+    urls = Path(urls_file).read_text().split()
+    per = max(1, concurrency // shards)
+    http = HttpConfig(concurrency=per, per_host=per, retries=2, total_timeout_s=10.0, connect_timeout_s=10.0,
+                      allow_networks=("127.0.0.1/32",))
+    cfg = FetchConfig(max_side=256)
+    parts = [urls[k::shards] for k in range(shards)]
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+
+    def one(k: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        frame = pd.DataFrame({"key": [f"{k:02d}{j:06d}" for j in range(len(parts[k]))], "url": parts[k]})
+        out, _ = fetch_shard(frame, HttpFetcher(http), cfg)
+        kept = out[out["drop_reason"].isna()]
+        shard_io.write_blobs(kept["key"].tolist(), kept["image"].tolist(), Path(out_dir) / f"{k:05d}.images.bin")
+        return time.perf_counter() - start, len(kept)
+
+    with concurrent.futures.ThreadPoolExecutor(shards) as pool:
+        done = list(pool.map(one, range(shards)))
+    print(json.dumps({"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0,
+                      "successes": sum(n for _, n in done), "shard_wall_s": [w for w, _ in done]}))
+
+
+def gigabyte_probe(url: str) -> None:
+    from tasks.io.http import HttpConfig, HttpFetcher
+
+    fetcher = HttpFetcher(HttpConfig(allow_networks=("127.0.0.1/32",), robots=False))
+    before = _rss_mb()
+    [res] = fetcher.fetch_many([url])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"reason": res.reason, "error": res.error, "rss_before_mb": before, "peak_rss_mb": peak}))
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_json(args: list[str]) -> dict:
+    res = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{args[0]} failed: {res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- img2dataset (its own venv)
+
+
+def img2dataset(python: str, urls_file: Path, out: Path, concurrency: int) -> tuple[float, int, float]:
+    """(CPU s of the process tree, successes, wall s) of one img2dataset run."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(Path(python).parent / "img2dataset"), "--url_list", str(urls_file), "--input_format", "txt",
+           "--output_folder", str(out), "--output_format", "webdataset", "--processes_count", "1",
+           "--thread_count", str(concurrency), "--retries", "2", "--timeout", "10", "--resize_mode", "keep_ratio",
+           "--resize_only_if_bigger", "True", "--image_size", "256", "--enable_wandb", "False",
+           "--distributor", "multiprocessing"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, err = proc.communicate()  # reaped here: its tree's CPU joins RUSAGE_CHILDREN
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"img2dataset failed: {err.decode()[-2000:]}")
+    successes = sum(json.loads(p.read_text()).get("successes", 0) for p in out.glob("*_stats.json"))
+    return _children_cpu(), successes, wall
+
+
+_last_children_cpu = 0.0
+
+
+def _children_cpu() -> float:
+    """CPU s of waited children since the last call (the whole img2dataset tree: its pool is joined)."""
+    global _last_children_cpu
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = r.ru_utime + r.ru_stime
+    delta, _last_children_cpu = total - _last_children_cpu, total
+    return delta
+
+
+# ---------------------------------------------------------------- decode
+
+
+def decode_bench(rounds: int) -> dict:
+    from PIL import Image
+
+    from tasks.fetch import decode_resized
+
+    base = photos()[::len(SIDES)][:8]  # one copy per photo
+    figures = {}
+    for w, h in ((512, 512), (1600, 1200)):
+        jpegs = []
+        for data in base:
+            with Image.open(io.BytesIO(data)) as im:
+                buf = io.BytesIO()
+                im.convert("RGB").resize((w, h), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+                jpegs.append(buf.getvalue())
+
+        def plain(jpegs: list[bytes] = jpegs) -> None:
+            for data in jpegs:
+                with Image.open(io.BytesIO(data)) as im:
+                    im.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
+
+        def fast(jpegs: list[bytes] = jpegs) -> None:
+            for data in jpegs:
+                decode_resized(data, (224, 224))
+
+        ratios = []
+        for r in range(rounds):
+            pair = []
+            for fn in ((plain, fast) if r % 2 else (fast, plain)):
+                t = time.perf_counter()
+                fn()
+                pair.append((fn, time.perf_counter() - t))
+            times = dict(pair)
+            ratios.append(times[plain] / times[fast])
+        figures[f"decode_speedup_{w if w == h else max(w, h)}"] = round(statistics.median(ratios), 2)
+    return figures
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2,000 URLs, fewer decode rounds (under 3 minutes)")
+    ap.add_argument("--urls", type=int, help="URLs (default 5,000; 2,000 with --quick)")
+    ap.add_argument("--concurrency", type=int, default=64, help="requests in flight, both sides")
+    ap.add_argument("--shards", type=int, default=8, help="our shards, fetched at once")
+    ap.add_argument("--rounds", type=int, help="paired decode rounds (default 15; 7 with --quick)")
+    ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip img2dataset")
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
+    ap.add_argument("--n-images", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--ours", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--gigabyte", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.serve:
+        return serve(a.serve, a.n_images)
+    if a.ours:
+        return ours(a.ours[0], a.ours[1], int(a.ours[2]), int(a.ours[3]))
+    if a.gigabyte:
+        return gigabyte_probe(a.gigabyte)
+
+    n = a.urls or (2000 if a.quick else 5000)
+    rounds = a.rounds or (7 if a.quick else 15)
+    work = Path(a.work or tempfile.mkdtemp(prefix="bench-fetch-"))
+    work.mkdir(parents=True, exist_ok=True)
+    python = None
+    if not a.no_baseline:
+        python = subprocess.run(["bash", str(ROOT / "bench" / "setup_baselines.sh")], capture_output=True,
+                                text=True, check=True).stdout.strip().splitlines()[-1]
+    server, port = start_server(work)
+    figures: dict = {"urls": n, "concurrency": a.concurrency, "shards": a.shards}
+    try:
+        base = f"http://127.0.0.1:{port}"
+        urls = [f"{base}/img/{i}.jpg" for i in range(n)]
+        urls_file = work / "urls.txt"
+        urls_file.write_text("\n".join(urls) + "\n")
+        kinds = [fate(i)[0] for i in range(n)]
+        figures["served"] = {k: kinds.count(k) for k in ("ok", "404", "429", "drip")}
+
+        out = work / "ours"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        mine = run_json(["--ours", str(urls_file), str(out), str(a.shards), str(a.concurrency)])
+        walls = mine["shard_wall_s"]
+        figures.update(ours_cpu_s=round(mine["cpu_s"], 2), ours_wall_s=round(mine["wall_s"], 1),
+                       success_rate=round(mine["successes"] / n, 4),
+                       slowest_shard_over_median=round(max(walls) / statistics.median(walls), 2))
+        probe = run_json(["--gigabyte", f"{base}/gigabyte"])
+        figures.update(gigabyte_reason=probe["reason"], gigabyte_rss_before_mb=round(probe["rss_before_mb"], 1),
+                       gigabyte_peak_rss_mb=round(probe["peak_rss_mb"], 1))
+
+        if python:
+            one = work / "one.txt"
+            one.write_text(next(u for u, k in zip(urls, kinds, strict=True) if k == "ok") + "\n")
+            _children_cpu()
+            startup = statistics.median(img2dataset(python, one, work / "i2d-one", a.concurrency)[0]
+                                        for _ in range(2))
+            cpu, successes, wall = img2dataset(python, urls_file, work / "i2d", a.concurrency)
+            their_cpu = max(cpu - startup, 1e-6)
+            figures.update(img2dataset_cpu_s=round(their_cpu, 2), img2dataset_startup_cpu_s=round(startup, 2),
+                           img2dataset_wall_s=round(wall, 1), img2dataset_success_rate=round(successes / n, 4))
+            ours_rate = mine["successes"] / mine["cpu_s"]
+            figures["speedup_vs_img2dataset"] = round(ours_rate / (successes / their_cpu), 2) if successes else None
+        else:
+            figures.update(img2dataset_success_rate=None, speedup_vs_img2dataset=None)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    figures.update(decode_bench(rounds))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
