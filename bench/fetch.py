@@ -7,13 +7,14 @@ at several sizes) under --urls distinct URLs, with injected trouble, fixed per U
 with the body incomplete). Both sides fetch the same URL list and end in the same work: decode, shrink to a
 256 px longer side keeping the ratio (never enlarging), JPEG re-encode at quality 95, write a shard.
 
-- Ours: the URL list split into --shards shards fetched at once, each by its own HttpFetcher with
-  concurrency = per_host = --concurrency / --shards (so both sides keep --concurrency requests in flight), then
-  tasks.fetch.fetch_shard (FetchConfig(max_side=256): sniff, draft decode, EXIF, resize, quality metrics, JPEG)
-  and the pipeline's blob writer. Robots.txt is on (the server has none: one 404 per shard), retries 2, a 10 s
-  total deadline per attempt, no per-host rate limit (one host here would make a rate the bottleneck), the SSRF
-  guard on with 127.0.0.1/32 allowed. Runs in a subprocess; CPU = that process's CPU time from after its imports
-  to the end (all threads).
+- Ours: the URL list split into --shards shards fetched at once, each in its own process (as the pipeline runs
+  one fetch task per shard on a single-threaded Dask worker) by an HttpFetcher with concurrency = per_host =
+  --concurrency / --shards (so both sides keep --concurrency requests in flight), then tasks.fetch.fetch_shard
+  (FetchConfig(max_side=256): sniff, draft decode, EXIF, resize, quality metrics, JPEG) and the pipeline's blob
+  writer. Robots.txt is on (the server has none: one 404 per shard), retries 2, a 10 s total deadline per
+  attempt, no per-host rate limit (one host here would make a rate the bottleneck), the SSRF guard on with
+  127.0.0.1/32 allowed. CPU = the shard processes' whole CPU time less --shards times the CPU of the same
+  command on a one-URL list (start-up: imports and first-use initialisation), the median of two such runs.
 - img2dataset 1.47.0 from its own venv (bench/setup_baselines.sh): `--processes_count 1 --thread_count
   <concurrency> --retries 2 --timeout 10 --resize_mode keep_ratio --resize_only_if_bigger True --image_size 256
   --output_format webdataset`. CPU = the whole process tree's CPU time (rusage of the waited child), minus the
@@ -25,9 +26,9 @@ shard's. gigabyte_peak_rss_mb: peak RSS of a fresh fetch process that asks for a
 20 MB cap; it ends as fetch.too_large) beside its RSS right before the request.
 
 Decode: JPEGs of 512x512 and 1600x1200 (from the same photos) to 224x224 bicubic RGB, tasks.fetch.decode_resized
-(draft: DCT-domain downscale) against plain Pillow (open, convert RGB, resize); --rounds paired rounds, each
-timing both on the same images back to back, order alternating; the figure is the median of the per-round
-ratios (plain time / ours).
+(draft: DCT-domain downscale) against plain Pillow (open, convert RGB, resize), over 8 photos PASSES times;
+--rounds paired rounds, each timing both on the same images back to back, order alternating; the figure is the
+median of the per-round ratios (plain time / ours).
 
 Last stdout line: one JSON object of figures.
 """
@@ -53,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's tasks/, not an installed copy
 SHARED_IMAGES = ROOT.parent / "shared" / "fixtures" / "images"
 SIDES = (320, 512, 1024, 1600)  # longer sides of the served copies: every one is shrunk to 256 by both sides
+PASSES = 4  # passes over the decode images per timing, so one timing is tens of ms, not a few
 DRIP_S = 15.0  # a slow drip closes after this, incomplete: longer than both sides' 10 s deadline
 SEED = 20260115
 
@@ -160,9 +162,8 @@ def start_server(work: Path, n_images: int = 0) -> tuple[subprocess.Popen, int]:
 # ---------------------------------------------------------------- our side (a subprocess)
 
 
-def ours(urls_file: str, out_dir: str, shards: int, concurrency: int) -> None:
-    import concurrent.futures
-
+def ours(urls_file: str, out_dir: str, shard: int, concurrency: int) -> None:
+    """One shard, as one fetch task of the pipeline does it (a Dask worker process, one thread)."""
     import pandas as pd
 
     from tasks.fetch import FetchConfig, fetch_shard
@@ -170,25 +171,49 @@ def ours(urls_file: str, out_dir: str, shards: int, concurrency: int) -> None:
     from tasks.io.http import HttpConfig, HttpFetcher
 
     urls = Path(urls_file).read_text().split()
-    per = max(1, concurrency // shards)
-    http = HttpConfig(concurrency=per, per_host=per, retries=2, total_timeout_s=10.0, connect_timeout_s=10.0,
-                      allow_networks=("127.0.0.1/32",))
+    http = HttpConfig(concurrency=concurrency, per_host=concurrency, retries=2, total_timeout_s=10.0,
+                      connect_timeout_s=10.0, allow_networks=("127.0.0.1/32",))
     cfg = FetchConfig(max_side=256)
-    parts = [urls[k::shards] for k in range(shards)]
     cpu0, wall0 = time.process_time(), time.perf_counter()
-
-    def one(k: int) -> tuple[float, int]:
-        start = time.perf_counter()
-        frame = pd.DataFrame({"key": [f"{k:02d}{j:06d}" for j in range(len(parts[k]))], "url": parts[k]})
-        out, _ = fetch_shard(frame, HttpFetcher(http), cfg)
-        kept = out[out["drop_reason"].isna()]
-        shard_io.write_blobs(kept["key"].tolist(), kept["image"].tolist(), Path(out_dir) / f"{k:05d}.images.bin")
-        return time.perf_counter() - start, len(kept)
-
-    with concurrent.futures.ThreadPoolExecutor(shards) as pool:
-        done = list(pool.map(one, range(shards)))
+    frame = pd.DataFrame({"key": [f"{shard:02d}{j:06d}" for j in range(len(urls))], "url": urls})
+    out, _ = fetch_shard(frame, HttpFetcher(http), cfg)
+    kept = out[out["drop_reason"].isna()]
+    shard_io.write_blobs(kept["key"].tolist(), kept["image"].tolist(), Path(out_dir) / f"{shard:05d}.images.bin")
     print(json.dumps({"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0,
-                      "successes": sum(n for _, n in done), "shard_wall_s": [w for w, _ in done]}))
+                      "successes": len(kept)}))
+
+
+def ours_shards(urls: list[str], work: Path, shards: int, concurrency: int) -> dict:
+    """Every shard in its own process, all at once, `concurrency / shards` requests in flight each.
+
+    CPU: the processes' whole CPU time (rusage of the waited children) less `shards` times their start-up,
+    the median CPU of two one-URL runs of the same command: the same rule as img2dataset's.
+    """
+    _children_cpu()
+    startup = statistics.median(_ours_run(urls[:1], work, 1, 1)[0] for _ in range(2))
+    cpu, results = _ours_run(urls, work, shards, concurrency)
+    return {"cpu_s": cpu - shards * startup, "startup_cpu_s": startup, "wall_s": max(r["wall_s"] for r in results),
+            "successes": sum(r["successes"] for r in results), "shard_wall_s": [r["wall_s"] for r in results]}
+
+
+def _ours_run(urls: list[str], work: Path, shards: int, concurrency: int) -> tuple[float, list[dict]]:
+    out = work / "ours"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    procs = []
+    for k in range(shards):
+        part = work / f"shard-{k}.txt"
+        part.write_text("\n".join(urls[k::shards]) + "\n")
+        procs.append(subprocess.Popen([sys.executable, __file__, "--ours", str(part), str(out), str(k),
+                                       str(max(1, concurrency // shards))], cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"our shard failed: {stderr[-3000:]}")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return _children_cpu(), results
 
 
 def gigabyte_probe(url: str) -> None:
@@ -268,12 +293,12 @@ def decode_bench(rounds: int) -> dict:
                 jpegs.append(buf.getvalue())
 
         def plain(jpegs: list[bytes] = jpegs) -> None:
-            for data in jpegs:
+            for data in jpegs * PASSES:
                 with Image.open(io.BytesIO(data)) as im:
                     im.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
 
         def fast(jpegs: list[bytes] = jpegs) -> None:
-            for data in jpegs:
+            for data in jpegs * PASSES:
                 decode_resized(data, (224, 224))
 
         ratios = []
@@ -331,12 +356,10 @@ def main() -> None:
         kinds = [fate(i)[0] for i in range(n)]
         figures["served"] = {k: kinds.count(k) for k in ("ok", "404", "429", "drip")}
 
-        out = work / "ours"
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        mine = run_json(["--ours", str(urls_file), str(out), str(a.shards), str(a.concurrency)])
+        mine = ours_shards(urls, work, a.shards, a.concurrency)
         walls = mine["shard_wall_s"]
-        figures.update(ours_cpu_s=round(mine["cpu_s"], 2), ours_wall_s=round(mine["wall_s"], 1),
+        figures.update(ours_cpu_s=round(mine["cpu_s"], 2), ours_startup_cpu_s=round(mine["startup_cpu_s"], 2),
+                       ours_wall_s=round(mine["wall_s"], 1),
                        success_rate=round(mine["successes"] / n, 4),
                        slowest_shard_over_median=round(max(walls) / statistics.median(walls), 2))
         probe = run_json(["--gigabyte", f"{base}/gigabyte"])

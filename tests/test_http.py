@@ -6,6 +6,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import aiohttp
 import pytest
 from aiohttp import web
 from local_http import serve
@@ -302,6 +303,7 @@ def test_resolve_maps_listed_hosts_and_fails_others_without_dns(url, monkeypatch
 
     monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", recording_getaddrinfo)
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: lookups.append(host) or [])
+    monkeypatch.setattr(aiohttp.ThreadedResolver, "resolve", lambda self, host, *a, **k: lookups.append(host))
     mapped, unmapped = HttpFetcher(config()).fetch_many(
         [url("/image.png"), url("/image.png").replace(HOST, "elsewhere.example.test")]
     )
@@ -539,13 +541,13 @@ def test_per_host_rate_limit(url):
 
 def test_dns_is_looked_up_once_per_host(url, monkeypatch):
     lookups = []
-    real = asyncio.base_events.BaseEventLoop.getaddrinfo
+    real = aiohttp.ThreadedResolver.resolve
 
-    async def recording_getaddrinfo(self, host, *args, **kwargs):
-        lookups.append(host)
+    async def recording_resolve(self, host, *args, **kwargs):
+        lookups.append(host.rstrip("."))
         return await real(self, host, *args, **kwargs)
 
-    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", recording_getaddrinfo)
+    monkeypatch.setattr(aiohttp.ThreadedResolver, "resolve", recording_resolve)
     fetcher = HttpFetcher(config(resolve=None, allow_networks=("127.0.0.0/8", "::1/128")))
     local = url("/image.png").replace(HOST, "localhost")
     assert all(r.ok for r in fetcher.fetch_many([local] * 5))

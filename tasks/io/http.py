@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
+import uvloop
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
@@ -191,10 +192,15 @@ class HttpFetcher:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.fetch_many_async(urls))
+            return self._run(urls)
         # A running loop cannot be re-entered from its own thread, so the fetch gets a fresh loop on a worker.
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(lambda: asyncio.run(self.fetch_many_async(urls))).result()
+            return pool.submit(self._run, urls).result()
+
+    def _run(self, urls: list[str]) -> list[FetchResult]:
+        # uvloop: libuv's loop costs aiohttp about a third less CPU per request than asyncio's own
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(self.fetch_many_async(urls))
 
     async def fetch_many_async(self, urls: list[str]) -> list[FetchResult]:
         cfg = self.config
@@ -361,7 +367,10 @@ class HttpFetcher:
         if resp.content_length is not None and resp.content_length > cfg.max_bytes:
             detail = f"Content-Length {resp.content_length} exceeds {cfg.max_bytes} bytes"
             return _failed(url, TOO_LARGE, detail, resp.status, headers)
-        body = await _read_capped(resp, cfg.max_bytes)
+        if resp.content_length is not None and "content-encoding" not in headers:
+            body = await resp.read()  # exactly Content-Length bytes, already checked against the cap: one read
+        else:  # unknown or encoded length: counted while streaming, after decompression, so no bombs
+            body = await _read_capped(resp, cfg.max_bytes)
         if body is None:
             return _failed(url, TOO_LARGE, f"exceeded {cfg.max_bytes} bytes", resp.status, headers)
         return FetchResult(url, True, None, resp.status, body, headers, None)
