@@ -70,6 +70,7 @@ async def gigabyte(request: web.Request) -> web.StreamResponse:
 
 
 async def robots_txt(request: web.Request) -> web.Response:
+    request.app[HITS][request.path] += 1
     return web.Response(text="User-agent: *\nDisallow: /private/\n\nUser-agent: otherbot\nDisallow: /\n")
 
 
@@ -465,12 +466,15 @@ def test_redirect_loop_is_http_error(url):
 # ---------------------------------------------------------------- robots.txt and opt-out
 
 
-def test_robots_disallow_is_refused_and_fetched_once_per_host(url, seen):
-    fetcher = HttpFetcher(config())
-    results = fetcher.fetch_many([url("/private/a.png"), url("/image.png"), url("/private/b.png")])
+def test_robots_disallow_is_refused_and_fetched_once_per_host(url, hits):
+    agent = f"robots-test-{time.monotonic_ns()}/1"  # caches are per process and agent: this one starts empty
+    before = hits["/robots.txt"]
+    results = HttpFetcher(config(user_agent=agent)).fetch_many(
+        [url("/private/a.png"), url("/image.png"), url("/private/b.png")])
     assert [r.reason for r in results] == [ROBOTS, None, ROBOTS]
     assert results[0].attempts == 0 and not results[0].transient
-    assert list(fetcher._robots.values())[0] is not None and len(fetcher._robots) == 1  # one host, one robots.txt
+    assert HttpFetcher(config(user_agent=agent)).fetch_many([url("/private/c.png")])[0].reason == ROBOTS
+    assert hits["/robots.txt"] - before == 1  # one host, one robots.txt, for every fetcher of the process
     assert fetch_one(url("/private/a.png"), robots=False).ok  # it can be turned off
     other = fetch_one(url("/image.png"), user_agent="otherbot/2.0")  # the group for otherbot disallows all
     assert other.reason == ROBOTS
@@ -548,7 +552,8 @@ def test_dns_is_looked_up_once_per_host(url, monkeypatch):
         return await real(self, host, *args, **kwargs)
 
     monkeypatch.setattr(aiohttp.ThreadedResolver, "resolve", recording_resolve)
-    fetcher = HttpFetcher(config(resolve=None, allow_networks=("127.0.0.0/8", "::1/128")))
+    fetcher = HttpFetcher(config(resolve=None, allow_networks=("127.0.0.0/8", "::1/128"),
+                                 user_agent=f"dns-test-{time.monotonic_ns()}/1"))  # a cache of its own
     local = url("/image.png").replace(HOST, "localhost")
     assert all(r.ok for r in fetcher.fetch_many([local] * 5))
     assert all(r.ok for r in fetcher.fetch_many([local]))  # a later call of the same fetcher reuses the cache

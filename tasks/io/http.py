@@ -59,6 +59,7 @@ class HttpConfig:
     allow_networks: tuple[str, ...] = ()  # CIDRs the guard lets through (tests, intranet mirrors)
     robots: bool = True  # honour robots.txt, fetched once per host
     robots_max_bytes: int = 500_000  # robots.txt read up to this size (RFC 9309: at least 500 KiB)
+    robots_ttl_s: float = 86_400.0  # a host's robots.txt is reused this long (RFC 9309: at most 24 h)
     opt_out: bool = True  # honour X-Robots-Tag noai / noimageai / noindex / noimageindex
 
     def __post_init__(self) -> None:
@@ -84,6 +85,10 @@ class FetchResult:
     attempts: int = 1  # requests made for this URL (retries included; 0 when refused before any)
     transient: bool = False  # a failure that may succeed later (connect error, timeout, 429, 5xx)
     retry_after: float | None = field(default=None, compare=False)  # seconds the server asked us to wait
+
+
+# (resolve mapping, user agent) -> (DNS cache, robots.txt cache), for the life of the process
+_CACHES: dict[tuple, tuple[dict, dict]] = {}
 
 
 class BlockedAddressError(OSError):
@@ -184,8 +189,10 @@ class HttpFetcher:
         if config.resolve is not None:
             StaticResolver(config.resolve)  # a typo in the mapping fails here
         self._agent = robots_agent(config.user_agent)
-        self._dns_cache: dict[str, tuple[float, list[str]]] = {}  # kept across calls: one lookup per host and TTL
-        self._robots: dict[str, Robots | None] = {}  # robots.txt URL -> parsed; kept across calls
+        # Shared by every fetcher of this process with the same resolution and agent (a worker runs many shards):
+        # one DNS lookup per host and dns_ttl_s, one robots.txt per host and robots_ttl_s.
+        key = (config.resolve, config.user_agent)
+        self._dns_cache, self._robots = _CACHES.setdefault(key, ({}, {}))
 
     def fetch_many(self, urls: list[str]) -> list[FetchResult]:
         """Fetch `urls` and return one result each, in order; usable with or without a running event loop."""
@@ -335,8 +342,9 @@ class HttpFetcher:
         return None
 
     async def _robots_for(self, session: aiohttp.ClientSession, where: str) -> Robots | None:
-        if where in self._robots:
-            return self._robots[where]
+        hit = self._robots.get(where)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
         if where not in self._robots_pending:
             self._robots_pending[where] = asyncio.ensure_future(self._get_robots(session, where))
         # shielded: one URL's deadline must not cancel the fetch that other URLs of the host wait on
@@ -350,8 +358,8 @@ class HttpFetcher:
                     body = await _read_capped(resp, self.config.robots_max_bytes) if resp.status < 300 else None
                     robots = Robots(resp.status, body or b"")
         except _NETWORK_ERRORS:
-            robots = None
-        self._robots[where] = robots
+            return None  # not cached: the next URL of the host asks again
+        self._robots[where] = (time.monotonic() + self.config.robots_ttl_s, robots)
         return robots
 
     async def _answer(self, url: str, resp: aiohttp.ClientResponse, headers: dict[str, str]) -> FetchResult:
