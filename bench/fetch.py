@@ -22,8 +22,8 @@ with the body incomplete). Both sides fetch the same URL list and end in the sam
 
 Figures: speedup_vs_img2dataset = (our successes / our CPU s) / (its successes / its CPU s); success_rate and
 img2dataset_success_rate over all URLs; slowest_shard_over_median = our slowest shard's wall time / the median
-shard's. gigabyte_peak_rss_mb: peak RSS of a fresh fetch process that asks for a 1 GB streamed body (default
-20 MB cap; it ends as fetch.too_large) beside its RSS right before the request.
+shard's. gigabyte_peak_rss_mb: peak RSS (the high-water mark reset just before) of a fresh fetch process while it
+asks for a 1 GB streamed body (default 20 MB cap; it ends as fetch.too_large), beside its RSS right before.
 
 Decode: JPEGs of 512x512 and 1600x1200 (from the same photos) to 224x224 bicubic RGB, tasks.fetch.decode_resized
 (draft: DCT-domain downscale) against plain Pillow (open, convert RGB, resize), over 8 photos PASSES times;
@@ -220,15 +220,16 @@ def gigabyte_probe(url: str) -> None:
     from tasks.io.http import HttpConfig, HttpFetcher
 
     fetcher = HttpFetcher(HttpConfig(allow_networks=("127.0.0.1/32",), robots=False))
-    before = _rss_mb()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak, so the imports' high-water mark hides nothing
+    before = _status_mb("VmRSS:")
     [res] = fetcher.fetch_many([url])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"reason": res.reason, "error": res.error, "rss_before_mb": before, "peak_rss_mb": peak}))
+    print(json.dumps({"reason": res.reason, "error": res.error, "rss_before_mb": before,
+                      "peak_rss_mb": _status_mb("VmHWM:")}))
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return float("nan")
 
