@@ -80,7 +80,9 @@ async def robots_txt(request: web.Request) -> web.Response:
 
 async def opt_out(request: web.Request) -> web.Response:
     request.app[HITS][request.path] += 1
-    return web.Response(body=IMAGE, headers={"X-Robots-Tag": request.match_info["directive"].replace("_", " ")})
+    status = int(request.query.get("status", "200"))
+    return web.Response(body=IMAGE, status=status,
+                        headers={"X-Robots-Tag": request.match_info["directive"].replace("_", " ")})
 
 
 async def fail_first(request: web.Request) -> web.Response:
@@ -492,6 +494,28 @@ def test_x_robots_tag_opt_out(url, directive, reason):
     assert fetch_one(url(f"/opt-out/{directive}")).reason == reason
     if reason:
         assert fetch_one(url(f"/opt-out/{directive}"), opt_out=False).ok
+
+
+def test_an_error_page_saying_noindex_is_an_http_error(url):
+    result = fetch_one(url("/opt-out/noindex?status=404"))
+    assert (result.reason, result.status) == (HTTP_ERROR, 404)
+
+
+def test_robots_txt_redirect_to_a_private_address_is_not_followed():
+    """A host whose robots.txt redirects to 10.0.0.1: the guard stops that hop; the image itself is fetched."""
+    async def robots_away(request: web.Request) -> web.Response:
+        raise web.HTTPFound("http://10.0.0.1/robots.txt")
+
+    app = web.Application()
+    app.router.add_get("/robots.txt", robots_away)
+    app.router.add_get("/image.png", image)
+    app[SEEN] = Seen()
+    with serve(app, "127.0.0.3") as port:
+        start = time.monotonic()
+        result = HttpFetcher(HttpConfig(allow_networks=("127.0.0.3/32",), connect_timeout_s=5,
+                                        user_agent=f"robots-redirect-{time.monotonic_ns()}/1")).fetch_many(
+            [f"http://127.0.0.3:{port}/image.png"])[0]
+    assert result.ok and time.monotonic() - start < 2
 
 
 def test_opted_out_parses_scoped_groups():

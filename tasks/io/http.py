@@ -172,6 +172,17 @@ class _Host:
 
 
 @dataclass
+class _Call:
+    """The state of one fetch_many call: its session, slots, hosts and robots.txt fetches under way."""
+
+    session: aiohttp.ClientSession
+    overall: asyncio.Semaphore
+    slots: defaultdict[tuple, asyncio.Semaphore]
+    hosts: defaultdict[tuple, _Host]
+    robots_pending: dict[str, asyncio.Future]
+
+
+@dataclass
 class _Trail:
     """The last response of an attempt, kept so a deadline hit while reading still reports its status."""
 
@@ -224,26 +235,24 @@ class HttpFetcher:
         )
         # aiohttp's clocks start before it waits for a pooled connection, so without these slots a URL queued
         # behind others would time out; they are taken first and the deadline starts after.
-        self._overall = asyncio.Semaphore(cfg.concurrency)
-        self._slots: defaultdict[tuple, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(cfg.per_host))
-        self._hosts: defaultdict[tuple, _Host] = defaultdict(_Host)
-        self._robots_pending: dict[str, asyncio.Future] = {}
+        call = _Call(session, asyncio.Semaphore(cfg.concurrency),
+                     defaultdict(lambda: asyncio.Semaphore(cfg.per_host)), defaultdict(_Host), {})
         async with session:
-            return list(await asyncio.gather(*(self._fetch_one(session, url) for url in urls)))
+            return list(await asyncio.gather(*(self._fetch_one(call, url) for url in urls)))
 
-    async def _fetch_one(self, session: aiohttp.ClientSession, url: str) -> FetchResult:
+    async def _fetch_one(self, call: _Call, url: str) -> FetchResult:
         cfg = self.config
         origin = _origin(url)
-        host = self._hosts[origin]
+        host = call.hosts[origin]
         result: FetchResult | None = None
         for attempt in range(1, cfg.retries + 2):
             await self._rate_wait(host)
-            async with self._slots[origin], self._overall:  # host slot first: a busy host holds no overall slot
+            async with call.slots[origin], call.overall:  # host slot first: a busy host holds no overall slot
                 # checked once the slot is ours: the requests queued behind a failing one see its outcome
                 refused = self._circuit_open(host)
                 if refused is not None:
                     return _failed(url, refused[0], refused[1], attempts=attempt - 1, transient=True)
-                result = await self._attempt(session, url)
+                result = await self._attempt(call, url)
             result = _with_attempts(result, attempt)
             if not result.transient:
                 if result.reason is None or result.status is not None:
@@ -285,11 +294,11 @@ class HttpFetcher:
         if start > now:
             await asyncio.sleep(start - now)
 
-    async def _attempt(self, session: aiohttp.ClientSession, url: str) -> FetchResult:
+    async def _attempt(self, call: _Call, url: str) -> FetchResult:
         trail = _Trail()
         try:
             async with asyncio.timeout(self.config.total_timeout_s):
-                return await self._follow(session, url, trail)
+                return await self._follow(call, url, trail)
         except aiohttp.ClientConnectorDNSError as exc:
             if isinstance(exc.os_error, BlockedAddressError):
                 return _failed(url, BLOCKED_ADDRESS, str(exc.os_error), attempts=0)
@@ -299,15 +308,15 @@ class HttpFetcher:
             transient = reason == TIMEOUT or _transient_error(exc)
             return _failed(url, reason, detail, trail.status, trail.headers, transient=transient)
 
-    async def _follow(self, session: aiohttp.ClientSession, url: str, trail: _Trail) -> FetchResult:
+    async def _follow(self, call: _Call, url: str, trail: _Trail) -> FetchResult:
         """One attempt: each hop checked (address, robots) before it is requested, redirects followed by hand."""
         cfg = self.config
         current, seen = url, {url}
         for hop in range(cfg.max_redirects + 1):
-            refused = await self._refuse(session, current)
+            refused = await self._refuse(call, current)
             if refused is not None:
                 return _failed(url, *refused, trail.status, trail.headers, attempts=0)
-            async with session.get(current, allow_redirects=False) as resp:
+            async with call.session.get(current, allow_redirects=False) as resp:
                 headers = _lower_headers(resp.headers)
                 trail.status, trail.headers = resp.status, headers
                 location = headers.get("location")
@@ -323,7 +332,7 @@ class HttpFetcher:
                 return await self._answer(url, resp, headers)
         raise AssertionError("unreachable: the last hop returns")
 
-    async def _refuse(self, session: aiohttp.ClientSession, url: str) -> tuple[str, str] | None:
+    async def _refuse(self, call: _Call, url: str) -> tuple[str, str] | None:
         """(reason, detail) when `url` must not be requested: a refused literal address, or robots.txt."""
         try:
             parsed = URL(url)
@@ -336,27 +345,42 @@ class HttpFetcher:
             if why is not None:
                 return BLOCKED_ADDRESS, why
         if self.config.robots:
-            robots = await self._robots_for(session, robots_url(parsed.scheme, parsed.host, parsed.port))
+            robots = await self._robots_for(call, robots_url(parsed.scheme, parsed.host, parsed.port))
             if robots is not None and not robots.allows(self._agent, url):
                 return ROBOTS, f"robots.txt of {parsed.host} disallows this path for {self._agent}"
         return None
 
-    async def _robots_for(self, session: aiohttp.ClientSession, where: str) -> Robots | None:
+    async def _robots_for(self, call: _Call, where: str) -> Robots | None:
         hit = self._robots.get(where)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        if where not in self._robots_pending:
-            self._robots_pending[where] = asyncio.ensure_future(self._get_robots(session, where))
+        if where not in call.robots_pending:
+            call.robots_pending[where] = asyncio.ensure_future(self._get_robots(call, where))
         # shielded: one URL's deadline must not cancel the fetch that other URLs of the host wait on
-        return await asyncio.shield(self._robots_pending[where])
+        return await asyncio.shield(call.robots_pending[where])
 
-    async def _get_robots(self, session: aiohttp.ClientSession, where: str) -> Robots | None:
-        """The host's rules; None (allow) when it cannot be reached: the image request then fails on its own."""
+    async def _get_robots(self, call: _Call, where: str) -> Robots | None:
+        """The host's rules; None (allow) when it cannot be reached: the image request then fails on its own.
+
+        Redirects (RFC 9309: at least five) are followed by hand, so the guard sees each hop's address too.
+        """
         try:
             async with asyncio.timeout(self.config.total_timeout_s):
-                async with session.get(where, max_redirects=5) as resp:
-                    body = await _read_capped(resp, self.config.robots_max_bytes) if resp.status < 300 else None
-                    robots = Robots(resp.status, body or b"")
+                current = where
+                for _ in range(6):
+                    host = URL(current).host or ""
+                    if is_ip_literal(host) and self.guard.why_blocked(host.strip("[]")) is not None:
+                        return None
+                    async with call.session.get(current, allow_redirects=False) as resp:
+                        location = resp.headers.get("Location")
+                        if resp.status in _REDIRECTS and location:
+                            current = str(resp.url.join(URL(location)))
+                            continue
+                        body = await _read_capped(resp, self.config.robots_max_bytes) if resp.status < 300 else None
+                        robots = Robots(resp.status, body or b"")
+                        break
+                else:
+                    robots = Robots(404, None)  # too many redirects: RFC 9309 treats it as unavailable
         except _NETWORK_ERRORS:
             return None  # not cached: the next URL of the host asks again
         self._robots[where] = (time.monotonic() + self.config.robots_ttl_s, robots)
@@ -364,14 +388,14 @@ class HttpFetcher:
 
     async def _answer(self, url: str, resp: aiohttp.ClientResponse, headers: dict[str, str]) -> FetchResult:
         cfg = self.config
+        if not 200 <= resp.status < 300:  # first: error pages often say noindex, and they are errors
+            transient = resp.status == 429 or resp.status >= 500
+            return _failed(url, HTTP_ERROR, f"HTTP {resp.status}", resp.status, headers, transient=transient,
+                           retry_after=_retry_after(headers.get("retry-after")))
         if cfg.opt_out:
             directive = opted_out(headers, self._agent)
             if directive is not None:  # decided on the headers: the body is never read
                 return _failed(url, OPT_OUT, f"X-Robots-Tag: {directive}", resp.status, headers)
-        if not 200 <= resp.status < 300:
-            transient = resp.status == 429 or resp.status >= 500
-            return _failed(url, HTTP_ERROR, f"HTTP {resp.status}", resp.status, headers, transient=transient,
-                           retry_after=_retry_after(headers.get("retry-after")))
         if resp.content_length is not None and resp.content_length > cfg.max_bytes:
             detail = f"Content-Length {resp.content_length} exceeds {cfg.max_bytes} bytes"
             return _failed(url, TOO_LARGE, detail, resp.status, headers)

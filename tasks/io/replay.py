@@ -57,11 +57,11 @@ class ReplayFetcher:
         if where is None:
             return FetchResult(url, False, HTTP_ERROR, None, None, {}, "not in the replayed WARC files")
         rec, body = read_record_at(where[0], int(where[1]))
+        if rec.status is None or not 200 <= rec.status < 300:  # first, as the web fetcher does
+            return FetchResult(url, False, HTTP_ERROR, rec.status, None, rec.headers, f"HTTP {rec.status}")
         directive = opted_out(rec.headers, self.config.robots_agent) if self.config.opt_out else None
         if directive is not None:
             return FetchResult(url, False, OPT_OUT, rec.status, None, rec.headers, f"X-Robots-Tag: {directive}")
-        if rec.status is None or not 200 <= rec.status < 300:
-            return FetchResult(url, False, HTTP_ERROR, rec.status, None, rec.headers, f"HTTP {rec.status}")
         if len(body) > self.config.max_bytes:
             return FetchResult(url, False, TOO_LARGE, rec.status, None, rec.headers,
                                f"exceeded {self.config.max_bytes} bytes")
