@@ -77,12 +77,17 @@ def image_metrics(gray: Image.Image, side: int) -> tuple[float, float, float]:
     """
     if max(gray.size) != side:
         gray = gray.resize(_fit(*gray.size, side), Image.Resampling.BILINEAR)
-    a = np.asarray(gray, dtype=np.float32)
+    pixels = np.asarray(gray)
+    hist = np.bincount(pixels.ravel(), minlength=256).astype(np.float64)
+    prob = hist / hist.sum()
+    levels = np.arange(256, dtype=np.float64)
+    mean = prob @ levels
+    std = float(np.sqrt(max(0.0, prob @ (levels - mean) ** 2)))  # from the histogram: no float copy of the image
+    a = pixels.astype(np.int16)  # the Laplacian of 8-bit pixels lies in [-1020, 1020]: int16 holds it exactly
     p = np.pad(a, 1, mode="reflect")
-    lap = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * a
-    hist = np.bincount(np.asarray(gray, dtype=np.uint8).ravel(), minlength=256).astype(np.float64)
-    prob = hist[hist > 0] / hist.sum()
-    return float(a.std()), float(lap.var()), float(-(prob * np.log2(prob)).sum())
+    lap = (p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * a).astype(np.float32)
+    nz = prob[prob > 0]
+    return std, float(lap.var()), float(-(nz * np.log2(nz)).sum())
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
