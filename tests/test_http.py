@@ -435,6 +435,15 @@ def test_hostname_resolving_to_a_private_address_is_refused():
     assert time.monotonic() - start < 1
 
 
+def test_localhost_resolves_to_loopback_and_is_refused(url, hits):
+    """Real resolution (no mapping): `localhost` answers 127.0.0.1 / ::1, which the guard refuses before dialling."""
+    before = dict(hits)
+    result = fetch_one(url("/opt-out/none").replace(HOST, "localhost"), resolve=None, allow_networks=())
+    assert (result.reason, result.status, result.attempts) == (BLOCKED_ADDRESS, None, 0)
+    assert result.error.startswith("localhost resolves to ") and "loopback" in result.error
+    assert hits == before  # the server never saw a request
+
+
 def test_loopback_needs_the_allow_list(url):
     # The same server as every other test, but without the opt-in: refused before any request.
     assert fetch_one(url("/image.png"), allow_networks=()).reason == BLOCKED_ADDRESS
