@@ -89,6 +89,13 @@ class FetchResult:
 
 # (resolve mapping, user agent) -> (DNS cache, robots.txt cache), for the life of the process
 _CACHES: dict[tuple, tuple[dict, dict]] = {}
+_MAX_CACHED = 50_000  # hosts per cache: a long-lived worker sees millions; past this a cache starts over
+
+
+def _remember(cache: dict, key: str, value) -> None:
+    if len(cache) >= _MAX_CACHED:
+        cache.clear()
+    cache[key] = value
 
 
 class BlockedAddressError(OSError):
@@ -154,7 +161,7 @@ class GuardedResolver(AbstractResolver):
     async def _lookup(self, host: str, key: str, family) -> list[str]:
         found = await self._inner.resolve(host, 0, family)
         ips = list(dict.fromkeys(r["host"] for r in found))
-        self._cache[key] = (time.monotonic() + self._ttl, ips)
+        _remember(self._cache, key, (time.monotonic() + self._ttl, ips))
         return ips
 
     async def close(self) -> None:
@@ -383,7 +390,7 @@ class HttpFetcher:
                     robots = Robots(404, None)  # too many redirects: RFC 9309 treats it as unavailable
         except _NETWORK_ERRORS:
             return None  # not cached: the next URL of the host asks again
-        self._robots[where] = (time.monotonic() + self.config.robots_ttl_s, robots)
+        _remember(self._robots, where, (time.monotonic() + self.config.robots_ttl_s, robots))
         return robots
 
     async def _answer(self, url: str, resp: aiohttp.ClientResponse, headers: dict[str, str]) -> FetchResult:
