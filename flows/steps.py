@@ -297,7 +297,9 @@ def fetch(ctx: RunContext, shard: str, upstream: dict, replay_index: dict | None
             fetcher = HttpFetcher(transport)
         frame, ledger = fetch_stage.fetch_shard(_read(ctx, "source", shard), fetcher, cfg, previous)
         asked = ledger["attempts"].sum() - (previous.ledger["attempts"].sum() if previous else 0)
-        return frame, {"requests": int(asked), "retry_of": identity.get("retry_of")}, {LEDGER: ledger}
+        transient = int((ledger["transient"] & ledger["reason"].notna()).sum())  # what --retry-failed would ask
+        extra = {"requests": int(asked), "transient_failures": transient, "retry_of": identity.get("retry_of")}
+        return frame, extra, {LEDGER: ledger}
 
     digest = shards.stable_hash({**identity, "version": CODE_VERSION})
     body = {"hash": digest, "base": base, **_produce_shard(ctx, "fetch", shard, compute, {IMAGES: "image"})}

@@ -62,6 +62,7 @@ def test_sample_run_report_follows_the_contract(sample_run):
                    "image.geometry", "image.low_texture", "image.blur", "image.low_entropy"):
         assert stages[reason.split(".")[0]]["dropped"][reason] > 0, reason
     assert set(stages["image"]["not_run"]) == {"image.duplicate", "image.nsfw"}
+    assert stages["fetch"]["transient_failures"] == 0 and stages["fetch"]["requests"] > 0
     assert stages["image"]["placeholder_model"] and stages["align"]["placeholder_model"]
     assert set(stages["refine"]["not_run"]) == {f"refine.{r}" for r in
                                                 ("lid", "stop_words", "no_noun", "unk_tokens", "low_entropy",

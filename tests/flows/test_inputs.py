@@ -153,6 +153,7 @@ def test_retry_failed_fetches_only_transient_failures_then_recomputes_downstream
 
         fetch, image = run(ctx)
         assert fetch["kept"] == 1 and fetch["dropped"] == {"fetch.http_error": 2}
+        assert fetch["extra"]["transient_failures"] == 1 and fetch["extra"]["requests"] == 4  # 1 + 2 + 1
         ledger = pd.read_parquet(tmp_path / "run" / "steps" / "fetch" / "00000.ledger.parquet").set_index("url")
         assert ledger.loc[f"{base}/busy.jpg", ["status", "attempts", "transient"]].tolist() == [503, 2, True]
         assert ledger.loc[f"{base}/gone.jpg", ["status", "attempts", "transient"]].tolist() == [404, 1, False]
@@ -165,6 +166,7 @@ def test_retry_failed_fetches_only_transient_failures_then_recomputes_downstream
         asked = {p: hits[p] - before.get(p, 0) for p in hits if hits[p] != before.get(p, 0)}
         assert asked == {"/busy.jpg": 1}  # robots.txt too was read once, by the first run's fetcher
         assert retried["kept"] == 2 and retried["hash"] != fetch["hash"] and image2["hash"] != image["hash"]
+        assert retried["extra"]["transient_failures"] == 0 and retried["extra"]["requests"] == 1
         ledger = pd.read_parquet(tmp_path / "run" / "steps" / "fetch" / "00000.ledger.parquet").set_index("url")
         assert ledger.loc[f"{base}/busy.jpg", ["status", "attempts", "transient"]].tolist() == [200, 3, False]
 
