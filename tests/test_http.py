@@ -395,6 +395,11 @@ def test_config_rejects_nonsense():
         HttpConfig(per_host=0)
     with pytest.raises(ValueError):
         HttpFetcher(HttpConfig(resolve=(("a.test", "not-an-ip"),)))
+    for bad in ({"retries": -1}, {"breaker_failures": -1}, {"per_host_rate": -1.0}, {"backoff_s": -0.1}):
+        with pytest.raises(ValueError):
+            HttpConfig(**bad)
+    with pytest.raises(ValueError):
+        HttpFetcher(HttpConfig(allow_networks=("10.0.0.0/33",)))  # a typo in the allow-list fails at once
 
 
 # ---------------------------------------------------------------- SSRF guard
