@@ -3,7 +3,7 @@
 A local HTTP server in its own process serves real photos (../shared/fixtures/images, each re-encoded as JPEG
 at several sizes) under --urls distinct URLs, with injected trouble, fixed per URL by a seeded draw:
 20-200 ms latency before the headers; 5% answer 404; 2% answer 429 with `Retry-After: 1` on their first request
-(then 200); 1% are slow drips (a few bytes, then one byte every 0.5 s, and the connection closed after 15 s
+(then 200); 1% are slow drips (a few bytes, then one byte every 0.5 s, and the connection closed after 12 s
 with the body incomplete). Both sides fetch the same URL list and end in the same work: decode, shrink to a
 256 px longer side keeping the ratio (never enlarging), JPEG re-encode at quality 95, write a shard.
 
@@ -14,16 +14,18 @@ with the body incomplete). Both sides fetch the same URL list and end in the sam
   writer. Robots.txt is on (the server has none: one 404 per shard), retries 2, a 10 s total deadline per
   attempt, no per-host rate limit (one host here would make a rate the bottleneck), the SSRF guard on with
   127.0.0.1/32 allowed. CPU = the shard processes' whole CPU time less --shards times the CPU of the same
-  command on a one-URL list (start-up: imports and first-use initialisation), the median of two such runs.
+  command on a one-URL list (start-up: imports and first-use initialisation), the median of three such runs.
 - img2dataset 1.47.0 from its own venv (bench/setup_baselines.sh): `--processes_count 1 --thread_count
   <concurrency> --retries 2 --timeout 10 --resize_mode keep_ratio --resize_only_if_bigger True --image_size 256
   --output_format webdataset`. CPU = the whole process tree's CPU time (rusage of the waited child), minus the
-  CPU of the same command on a one-URL list (its start-up: imports, pool spawn), the median of two such runs.
+  CPU of the same command on a one-URL list (its start-up: imports, pool spawn), the median of three such runs.
 
-Figures: speedup_vs_img2dataset = (our successes / our CPU s) / (its successes / its CPU s); success_rate and
-img2dataset_success_rate over all URLs; slowest_shard_over_median = our slowest shard's wall time / the median
-shard's. gigabyte_peak_rss_mb: peak RSS (the high-water mark reset just before) of a fresh fetch process while it
-asks for a 1 GB streamed body (default 20 MB cap; it ends as fetch.too_large), beside its RSS right before.
+Figures: speedup_vs_img2dataset = (our successes / our CPU s) / (its successes / its CPU s), the median over
+--fetch-rounds paired rounds (order alternating; the machine is shared, so single CPU figures are noisy);
+success_rate and img2dataset_success_rate over all URLs; slowest_shard_over_median = our slowest shard's wall
+time / the median shard's, the worst round. gigabyte_peak_rss_mb: peak RSS (the high-water mark reset just
+before) of a fresh fetch process while it asks for a 1 GB streamed body (default 20 MB cap; it ends as
+fetch.too_large), beside its RSS right before.
 
 Decode: JPEGs of 512x512 and 1600x1200 (from the same photos) to 224x224 bicubic RGB, tasks.fetch.decode_resized
 (draft: DCT-domain downscale) against plain Pillow (open, convert RGB, resize), over 8 photos PASSES times;
@@ -55,7 +57,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's tasks/, not an installed copy
 SHARED_IMAGES = ROOT.parent / "shared" / "fixtures" / "images"
 SIDES = (320, 512, 1024, 1600)  # longer sides of the served copies: every one is shrunk to 256 by both sides
 PASSES = 4  # passes over the decode images per timing, so one timing is tens of ms, not a few
-DRIP_S = 15.0  # a slow drip closes after this, incomplete: longer than both sides' 10 s deadline
+DRIP_S = 12.0  # a slow drip closes after this, incomplete: longer than both sides' 10 s deadline
 SEED = 20260115
 
 
@@ -122,6 +124,10 @@ def serve(port_file: str, n_images: int) -> None:
         request.transport.close()  # incomplete: the client sees a broken body, never an image
         return resp
 
+    async def forget(request: web.Request) -> web.Response:
+        asked.clear()  # every run meets the same 429s
+        return web.Response(text="ok")
+
     async def gigabyte(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
         resp.enable_chunked_encoding()
@@ -135,6 +141,7 @@ def serve(port_file: str, n_images: int) -> None:
         app = web.Application()
         app.router.add_get("/img/{i}.jpg", image)
         app.router.add_get("/gigabyte", gigabyte)
+        app.router.add_get("/reset", forget)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
@@ -144,6 +151,13 @@ def serve(port_file: str, n_images: int) -> None:
         await asyncio.Event().wait()
 
     asyncio.run(main())
+
+
+def reset(base: str) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}/reset", timeout=10) as resp:
+        resp.read()
 
 
 def start_server(work: Path, n_images: int = 0) -> tuple[subprocess.Popen, int]:
@@ -183,17 +197,21 @@ def ours(urls_file: str, out_dir: str, shard: int, concurrency: int) -> None:
                       "successes": len(kept)}))
 
 
-def ours_shards(urls: list[str], work: Path, shards: int, concurrency: int) -> dict:
+def ours_shards(urls: list[str], work: Path, shards: int, concurrency: int, startup: float) -> dict:
     """Every shard in its own process, all at once, `concurrency / shards` requests in flight each.
 
-    CPU: the processes' whole CPU time (rusage of the waited children) less `shards` times their start-up,
-    the median CPU of two one-URL runs of the same command: the same rule as img2dataset's.
+    CPU: the processes' whole CPU time (rusage of the waited children) less `shards` times `startup`, the CPU of
+    the same command on a one-URL list (ours_startup): the same rule as img2dataset's.
     """
     _children_cpu()
-    startup = statistics.median(_ours_run(urls[:1], work, 1, 1)[0] for _ in range(2))
     cpu, results = _ours_run(urls, work, shards, concurrency)
-    return {"cpu_s": cpu - shards * startup, "startup_cpu_s": startup, "wall_s": max(r["wall_s"] for r in results),
+    return {"cpu_s": cpu - shards * startup, "wall_s": max(r["wall_s"] for r in results),
             "successes": sum(r["successes"] for r in results), "shard_wall_s": [r["wall_s"] for r in results]}
+
+
+def ours_startup(url: str, work: Path) -> float:
+    _children_cpu()
+    return statistics.median(_ours_run([url], work, 1, 1)[0] for _ in range(3))
 
 
 def _ours_run(urls: list[str], work: Path, shards: int, concurrency: int) -> tuple[float, list[dict]]:
@@ -325,6 +343,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64, help="requests in flight, both sides")
     ap.add_argument("--shards", type=int, default=8, help="our shards, fetched at once")
     ap.add_argument("--rounds", type=int, help="paired decode rounds (default 15; 7 with --quick)")
+    ap.add_argument("--fetch-rounds", type=int, help="paired fetch rounds, ours and img2dataset (default 3; 1 quick)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--no-baseline", action="store_true", help="skip img2dataset")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
@@ -341,6 +360,7 @@ def main() -> None:
 
     n = a.urls or (2000 if a.quick else 5000)
     rounds = a.rounds or (7 if a.quick else 15)
+    fetch_rounds = a.fetch_rounds or (1 if a.quick else 3)
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-fetch-"))
     work.mkdir(parents=True, exist_ok=True)
     python = None
@@ -357,28 +377,49 @@ def main() -> None:
         kinds = [fate(i)[0] for i in range(n)]
         figures["served"] = {k: kinds.count(k) for k in ("ok", "404", "429", "drip")}
 
-        mine = ours_shards(urls, work, a.shards, a.concurrency)
-        walls = mine["shard_wall_s"]
-        figures.update(ours_cpu_s=round(mine["cpu_s"], 2), ours_startup_cpu_s=round(mine["startup_cpu_s"], 2),
-                       ours_wall_s=round(mine["wall_s"], 1),
-                       success_rate=round(mine["successes"] / n, 4),
-                       slowest_shard_over_median=round(max(walls) / statistics.median(walls), 2))
+        first_ok = next(u for u, k in zip(urls, kinds, strict=True) if k == "ok")
         probe = run_json(["--gigabyte", f"{base}/gigabyte"])
         figures.update(gigabyte_reason=probe["reason"], gigabyte_rss_before_mb=round(probe["rss_before_mb"], 1),
                        gigabyte_peak_rss_mb=round(probe["peak_rss_mb"], 1))
-
+        # start-up CPU of each side: the median of three one-URL runs of the same command
+        mine_startup = ours_startup(first_ok, work)
+        one = work / "one.txt"
+        one.write_text(first_ok + "\n")
         if python:
-            one = work / "one.txt"
-            one.write_text(next(u for u, k in zip(urls, kinds, strict=True) if k == "ok") + "\n")
             _children_cpu()
-            startup = statistics.median(img2dataset(python, one, work / "i2d-one", a.concurrency)[0]
-                                        for _ in range(2))
-            cpu, successes, wall = img2dataset(python, urls_file, work / "i2d", a.concurrency)
-            their_cpu = max(cpu - startup, 1e-6)
-            figures.update(img2dataset_cpu_s=round(their_cpu, 2), img2dataset_startup_cpu_s=round(startup, 2),
-                           img2dataset_wall_s=round(wall, 1), img2dataset_success_rate=round(successes / n, 4))
-            ours_rate = mine["successes"] / mine["cpu_s"]
-            figures["speedup_vs_img2dataset"] = round(ours_rate / (successes / their_cpu), 2) if successes else None
+            their_startup = statistics.median(img2dataset(python, one, work / "i2d-one", a.concurrency)[0]
+                                              for _ in range(3))
+        # paired rounds, the order alternating; the server forgets which 429s it sent before each run
+        rounds_out = []
+        for r in range(fetch_rounds):
+            mine = theirs = None
+            for side in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
+                reset(base)
+                if side == "ours":
+                    mine = ours_shards(urls, work, a.shards, a.concurrency, mine_startup)
+                elif python:
+                    _children_cpu()
+                    theirs = img2dataset(python, urls_file, work / "i2d", a.concurrency)
+            rounds_out.append((mine, theirs))
+        walls = [m["shard_wall_s"] for m, _ in rounds_out]
+        figures.update(
+            ours_startup_cpu_s=round(mine_startup, 2),
+            ours_cpu_s=[round(m["cpu_s"], 2) for m, _ in rounds_out],
+            ours_wall_s=[round(m["wall_s"], 1) for m, _ in rounds_out],
+            success_rate=round(rounds_out[-1][0]["successes"] / n, 4),
+            slowest_shard_over_median=round(max(max(w) / statistics.median(w) for w in walls), 2))
+        if python:
+            speedups = []
+            for m, (cpu, successes, _) in rounds_out:
+                their_cpu = max(cpu - their_startup, 1e-6)
+                speedups.append((m["successes"] / m["cpu_s"]) / (successes / their_cpu) if successes else 0.0)
+            figures.update(
+                img2dataset_startup_cpu_s=round(their_startup, 2),
+                img2dataset_cpu_s=[round(t[0] - their_startup, 2) for _, t in rounds_out],
+                img2dataset_wall_s=[round(t[2], 1) for _, t in rounds_out],
+                img2dataset_success_rate=round(rounds_out[-1][1][1] / n, 4),
+                speedup_rounds=[round(x, 2) for x in speedups],
+                speedup_vs_img2dataset=round(statistics.median(speedups), 2))
         else:
             figures.update(img2dataset_success_rate=None, speedup_vs_img2dataset=None)
     finally:
