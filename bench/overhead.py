@@ -1,10 +1,11 @@
 """Benchmark: curate_snapshot on a 1-worker, 1-thread Dask cluster vs one plain process, same stages, same shards.
 
 overhead_fraction = flow seconds / plain seconds - 1, the fastest of `--repeat` alternating runs of each
-(the machine is shared and noisy). The Prefect server's and the cluster's start-up are excluded from the
-flow time and reported apart as startup_seconds. Shards are generated WARC files of
-Chinese pages whose images are WARC records (replayed), `--shard-mb` each (default 1000: the natural
-shard is one ~1 GB Common Crawl WARC). Last stdout line: one JSON object of figures.
+(the machine is shared and noisy). Each run starts after os.sync(): the runs write gigabytes, and the
+kernel's writeback of one run's files would otherwise slow the next one's writes. The Prefect server's and
+the cluster's start-up are excluded from the flow time and reported apart as startup_seconds. Shards are
+generated WARC files of Chinese pages whose images are WARC records (replayed), `--shard-mb` each (default
+1000: the natural shard is one ~1 GB Common Crawl WARC). Last stdout line: one JSON object of figures.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -94,6 +96,7 @@ def plain(warcs: list[str], out: Path) -> float:
     from tasks.models import load_model, resolve_model
 
     out.mkdir(parents=True, exist_ok=True)
+    os.sync()  # the previous run's gigabytes of writes are flushed before this run is timed
     start = time.perf_counter()
     model = load_model(resolve_model("embed", None))
     results = [extract.extract_warc(w) for w in warcs]
@@ -136,6 +139,7 @@ def flow(warcs: list[str], out: Path) -> tuple[float, float, int]:
         client.run(_warm)
         startup = time.perf_counter() - t0
         params = CurateParams(warcs=warcs, out=str(out), fetcher="replay")
+        os.sync()  # as for plain(): no run pays for the writeback of the one before it
         t1 = time.perf_counter()
         result = curate_snapshot.with_options(task_runner=runtime.task_runner(cluster.scheduler_address, None, out))(
             params)

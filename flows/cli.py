@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fetcher", choices=["http", "replay"],
                      help="http: fetch images from the web; replay: serve them from the WARCs "
                           "(default: replay for the sample crawl, http otherwise)")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="on an existing run: fetch again only the images that failed transiently (time-outs, "
+                          "connection errors, 429, 5xx), then recompute what depends on them")
     run.add_argument("--dask-address", help="an existing Dask scheduler (default: a local cluster)")
     run.add_argument("--workers", type=int, help="local cluster worker processes")
     run.add_argument("--threads", type=int, default=1, help="threads per local worker")
@@ -85,7 +88,7 @@ def cmd_run(args) -> int:
         warcs=warcs or [], out=str(out), run_id=args.run_id, snapshot=args.snapshot, fetcher=fetcher or "http",
         warc_limit=args.warc_limit, warc_offset=args.warc_offset, select=args.select, cc_base_url=args.cc_base_url,
         models={r: getattr(args, f"{r}_model") for r in ROLES if getattr(args, f"{r}_model")},
-        config=config,
+        config=config, retry_failed=args.retry_failed,
         lancedb=args.lancedb, gpu_slots=args.gpu_slots,
     )
     spec = LocalClusterSpec(**({"n_workers": args.workers} if args.workers else {}), threads_per_worker=args.threads)

@@ -151,7 +151,7 @@ def _curate(params: CurateParams, progress: bool) -> dict:
     ctx = steps.RunContext(
         run_dir=str(run_dir), run_id=run_id, lancedb=params.lancedb or str(out / "lancedb"),
         config={**params.config, "cc": config_dict(cc_config(params))}, models=models, fetcher=params.fetcher,
-        max_failure_fraction=params.max_failure_fraction, snapshot=params.snapshot,
+        retry_failed=params.retry_failed, max_failure_fraction=params.max_failure_fraction, snapshot=params.snapshot,
     )
     _write_if_changed(run_dir / "run.json", {"params": params.model_dump(), "models": models, "run_id": run_id})
     log.info("run %s: %d WARC file(s) -> %s", run_id, len(warcs), run_dir)

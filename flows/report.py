@@ -51,6 +51,9 @@ def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], 
               *(("bytes_read", "bytes_selected") if indexed else ())):
         by["extract"][k] = sum(m["extra"].get(k, 0) for m in ex)
     by["extract"]["selection"] = "index" if indexed else "scan"
+    # requests made (this run's last fetch of each shard) and URLs whose failure `--retry-failed` would ask again
+    for k in ("requests", "transient_failures"):
+        by["fetch"][k] = sum(m.get("extra", {}).get(k, 0) for m in results.get("fetch", []))
     if indexed:
         by["extract"]["index"] = reduces["cc_index"].get("extra", {})
     embed_placeholder = ctx.models["embed"][1]

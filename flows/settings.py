@@ -68,6 +68,9 @@ class CurateParams(BaseModel):
     cc_base_url: str | None = Field(None, description=(
         "one server holding collinfo.json and crawl-data/ instead of Common Crawl's hosts (a mirror)"))
     fetcher: Literal["http", "replay"] = Field("http", description="http: the web; replay: images held in the WARCs")
+    retry_failed: bool = Field(False, description=(
+        "fetch again only the URLs that failed transiently (connect errors, timeouts, 429, 5xx) in finished "
+        "fetch shards, then recompute what depends on them; permanent failures are never retried"))
     models: dict[str, str | None] = Field(default_factory=dict, description="role -> HF id, local dir, or placeholder")
     config: dict[str, dict[str, Any]] = Field(default_factory=dict, description="section -> field -> value")
     lancedb: str | None = Field(None, description="LanceDB URI; default <out>/lancedb")

@@ -42,6 +42,7 @@ class RunContext:
     config: dict = field(default_factory=dict)  # section -> overrides
     models: dict = field(default_factory=dict)  # role -> (name, placeholder)
     fetcher: str = "http"
+    retry_failed: bool = False  # fetch again the transient failures recorded in finished fetch shards
     max_failure_fraction: float = 0.01
     snapshot: str | None = None
 
@@ -319,22 +320,53 @@ image = task(name="image", task_run_name="image-{shard}", cache_policy=NO_CACHE)
 @task(name="fetch", task_run_name="fetch-{shard}", cache_policy=NO_CACHE, retries=2,
       retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def fetch(ctx: RunContext, shard: str, upstream: dict, replay_index: dict | None = None) -> dict:
+    """Fetch a shard's images. A finished shard is reused, unless `ctx.retry_failed` and its ledger holds
+    transient failures: then only those URLs are fetched again and the shard (and all after it) recomputed.
+
+    The marker keeps `base`, the hash of the inputs alone, so a plain re-run after a retry is still a no-op.
+    """
     cfg = ctx.cfg("fetch")
     transport = ctx.cfg("replay") if ctx.fetcher == "replay" else ctx.cfg("http")
+    inputs = [upstream["hash"], ctx.fetcher, replay_index["hash"] if replay_index else None]
+    identity = {"step": "fetch", "config": {"fetch": config_dict(cfg), "transport": config_dict(transport)},
+                "inputs": inputs}
+    base = shards.stable_hash({**identity, "version": CODE_VERSION})
+    mpath = marker_path(ctx, "fetch", shard)
+    marker = shards.read_json(mpath)
+    previous = None
+    if marker and marker.get("base", marker.get("hash")) == base and _fresh(ctx, marker, marker["hash"]):
+        ledger = shards.read_parquet(output(ctx, marker, LEDGER))
+        if not (ctx.retry_failed and (ledger["transient"] & ledger["reason"].notna()).any()):
+            return marker
+        previous = fetch_stage.Previous(ledger, _stored_images(ctx, shard))
+        identity["retry_of"] = marker["hash"]
 
     def compute():
         if ctx.fetcher == "replay":
             fetcher = ReplayFetcher(shards.read_parquet(output(ctx, replay_index, ".parquet")), transport)
         else:
             fetcher = HttpFetcher(transport)
-        return fetch_stage.fetch_images(_read(ctx, "source", shard), fetcher, cfg), {}, {}
+        frame, ledger = fetch_stage.fetch_shard(_read(ctx, "source", shard), fetcher, cfg, previous)
+        asked = ledger["attempts"].sum() - (previous.ledger["attempts"].sum() if previous else 0)
+        transient = int((ledger["transient"] & ledger["reason"].notna()).sum())  # what --retry-failed would ask
+        extra = {"requests": int(asked), "transient_failures": transient, "retry_of": identity.get("retry_of")}
+        return frame, extra, {LEDGER: ledger}
 
-    inputs = [upstream["hash"], ctx.fetcher, replay_index["hash"] if replay_index else None]
-    return run_shard_step(ctx, "fetch", shard, inputs, compute,
-                          {"fetch": config_dict(cfg), "transport": config_dict(transport)},
-                          blobs={IMAGES: "image"})
+    digest = shards.stable_hash({**identity, "version": CODE_VERSION})
+    body = {"hash": digest, "base": base, **_produce_shard(ctx, "fetch", shard, compute, {IMAGES: "image"})}
+    shards.write_json(body, mpath)
+    return body
 
 
+def _stored_images(ctx: RunContext, shard: str):
+    """URL -> stored JPEG of the shard's kept rows, read now: the shard's files are rewritten after."""
+    kept = _read(ctx, "fetch", shard)
+    with images_of(ctx, shard) as blobs:
+        by_url = {url: blobs[key] for url, key in zip(kept["url"], kept["key"], strict=True)}
+    return by_url.get
+
+
+LEDGER = ".ledger.parquet"  # the fetch step's per-URL outcomes: status, reason, attempts, last error, transient
 IMAGES = ".images.bin"  # the fetch step's blob file: key -> JPEG bytes of the kept rows
 
 

@@ -60,6 +60,10 @@ class FetchedMetaSchema(SourcedSchema):
     original_height: Series[np.int64] = pa.Field(gt=0)
     sha256: Series[str] = pa.Field(str_matches=r"^[0-9a-f]{64}$")  # of the bytes as fetched
     mime: Series[str]
+    # what the image stage's quality rules judge, measured at one resolution (tasks.fetch.image_metrics)
+    gray_std: Series[np.float64] = pa.Field(ge=0)
+    laplacian_var: Series[np.float64] = pa.Field(ge=0)
+    gray_entropy: Series[np.float64] = pa.Field(ge=0, le=8)
 
 
 class FetchedSchema(FetchedMetaSchema):

@@ -8,7 +8,9 @@ import html
 import io
 import json
 import os
+import struct
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -133,6 +135,8 @@ class _Blob:
     content_type: str
     status: int = 200
     warc: int | None = None  # None: the file of the first page that links it
+    headers: tuple[tuple[str, str], ...] = ()  # more HTTP response headers (e.g. X-Robots-Tag)
+    standalone: bool = False  # written to its file though no page links it (e.g. a robots.txt)
 
 
 @dataclass
@@ -271,8 +275,8 @@ class _Builder:
         return f"https://{host}/uploads/2025/{1 + n % 12:02d}/{stem}.{ext}"
 
     def serve(self, url: str, body: bytes, content_type: str = "image/jpeg", status: int = 200,
-              warc: int | None = None) -> str:
-        self.blobs[url] = _Blob(url, body, content_type, status, warc)
+              warc: int | None = None, **kw) -> str:
+        self.blobs[url] = _Blob(url, body, content_type, status, warc, **kw)
         return url
 
     def photo(self, size: tuple[int, int] | None = None, host: str = "", fmt: str = "JPEG",
@@ -502,6 +506,7 @@ def _build() -> _Builder:
     _source_filter_cases(b, zh)
     _extraction_cases(b, zh)
     _refine_cases(b, zh)
+    _fetch_and_quality_cases(b, zh)
     return b
 
 
@@ -591,6 +596,50 @@ def _refine_cases(b: _Builder, zh: str) -> None:
 
     imgs = [_Img(small(), alt, expected, case) for expected, case, alt in _REFINE_CAPTIONS]
     b.page(2, f"{zh}/life/2025/05/tupian.html", imgs)
+
+
+def _fetch_and_quality_cases(b: _Builder, zh: str) -> None:
+    """The fetch policy (opt-out header, robots.txt record, private address), a header-only bomb, and images
+    that fail exactly one of stage 3's texture, blur and entropy rules."""
+    host = "img3.sample-zh.test"
+    b.serve(f"https://{host}/robots.txt", b"User-agent: *\nDisallow: /members/\n", "text/plain", warc=2,
+            standalone=True)
+    # refused before decoding: small images keep the sample small
+    members = b.serve(f"https://{host}/members/2025/05/a1.jpg", _encode(b.pixels((128, 112)), quality=60))
+    noai = b.serve(b.image_url(host), _encode(b.pixels((128, 112)), quality=60),
+                   headers=(("X-Robots-Tag", "noai, noimageai"),))
+    bomb = b.serve(b.image_url(host, "png"), _png_header_bomb(), "image/png")
+    b.page(2, f"{zh}/news/2025/05/fetch-policy.html", [
+        _Img(noai, b.caption(), "fetch.opt_out", "x_robots_tag_noai"),
+        _Img(members, b.caption(), "fetch.robots", "robots_disallow"),
+        b.good("robots_allowed_path", host=host),
+        _Img("http://10.0.0.1/uploads/a.jpg", b.caption(), "fetch.blocked_address", "private_address"),
+        _Img("http://169.254.169.254/latest/meta-data/b.jpg", b.caption(), "fetch.blocked_address",
+             "metadata_address"),
+        _Img(bomb, b.caption(), "fetch.decode_error", "png_bomb"),
+    ])
+    y, x = np.mgrid[0:200, 0:260].astype(np.float32)
+    flat = np.full((200, 240, 3), 128, np.uint8)  # sigma ~ 0: low texture
+    smooth = np.stack([x, y * 1.2, 255 - x * 0.8], axis=-1).clip(0, 255).astype(np.uint8)  # a ramp: no edges
+    checker = np.repeat(((np.indices((256, 256)).sum(0) // 4 % 2) * 175 + 40).astype(np.uint8)[..., None], 3, 2)
+    b.page(1, f"{zh}/news/2025/05/image-quality.html", [
+        _Img(b.serve(b.image_url(), _encode(flat)), b.caption(), "image.low_texture", "flat_grey"),
+        _Img(b.serve(b.image_url(), _encode(smooth)), b.caption(), "image.blur", "smooth_ramp"),
+        b.good(),
+        # two grey levels only (PNG, so no JPEG ringing adds more): 1 bit of entropy, sharp edges everywhere
+        _Img(b.serve(b.image_url(ext="png"), _encode(checker, "PNG"), "image/png"), b.caption(),
+             "image.low_entropy", "two_levels"),
+    ])
+
+
+def _png_header_bomb() -> bytes:
+    """A PNG whose header declares 30000 x 30000 pixels (900 M) in under 100 bytes: refused on the header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 30001)) + chunk(
+        b"IEND", b"")
 
 
 def _junk_bytes() -> bytes:
@@ -697,7 +746,8 @@ class _WarcFile:
         )
         self.writer.write_record(record)
 
-    def fetch(self, url: str, ip: str, status: int, content_type: str, body: bytes, sniffed: str) -> str:
+    def fetch(self, url: str, ip: str, status: int, content_type: str, body: bytes, sniffed: str,
+              extra_headers: tuple[tuple[str, str], ...] = ()) -> str:
         """Writes a request and its response; returns the response's record id."""
         when = self._tick()
         parts = urlsplit(url)
@@ -717,6 +767,7 @@ class _WarcFile:
             ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
             ("Connection", "keep-alive"),
+            *extra_headers,
         ], protocol="HTTP/1.1")
         response_id = self._id("response", url, hashlib.sha256(body).hexdigest())
         self._write("response", url, body, "application/http; msgtype=response", {
@@ -759,7 +810,7 @@ def _write_warc(path: Path, index: int, b: _Builder) -> None:
             if blob is None or blob.warc != index or blob.url in written:
                 return
             written.add(blob.url)
-            out.fetch(blob.url, ip, blob.status, blob.content_type, blob.body, _sniff(blob.body))
+            out.fetch(blob.url, ip, blob.status, blob.content_type, blob.body, _sniff(blob.body), blob.headers)
 
         for page in pages:
             ctype = f"text/html; charset={page.charset_label}"
@@ -771,6 +822,9 @@ def _write_warc(path: Path, index: int, b: _Builder) -> None:
         # Images whose pages live in another file come last, as a later fetch would.
         for url in sorted(u for u in linked if u):
             serve(url, "192.0.2.251")
+        for blob in b.blobs.values():  # records no page links to, such as a host's robots.txt
+            if blob.standalone:
+                serve(blob.url, "192.0.2.252")
 
 
 def _manifest_lines(b: _Builder) -> list[str]:

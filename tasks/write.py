@@ -15,7 +15,8 @@ from tasks.refine import SCORE_COLUMNS as REFINE_SCORES
 # The dataset's metadata columns: img2dataset's names where they exist, DanQing's `alt_text`, then scores.
 METADATA_COLUMNS = [
     "key", "url", "caption", "alt_text", "page_url", "snapshot", "width", "height", "sha256",
-    "original_width", "original_height", "mime", "word_count", "align_cosine",
+    "original_width", "original_height", "mime", "word_count", "gray_std", "laplacian_var", "gray_entropy",
+    "align_cosine",
     "page_host", "image_host", "warc_file", "warc_offset", "warc_date",
     *REFINE_SCORES,
 ]

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
+import zlib
 
 import numpy as np
 import pandas as pd
 import pytest
+from aiohttp import web
+from local_http import serve
 from PIL import Image
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from tasks.fetch import FetchConfig, decode_image, fetch_images, sniff_mime
-from tasks.io.http import HTTP_ERROR, TIMEOUT, TOO_LARGE, FetchResult
+from tasks.fetch import (
+    FetchConfig,
+    Previous,
+    decode_image,
+    decode_resized,
+    fetch_images,
+    fetch_shard,
+    image_metrics,
+    sniff_mime,
+)
+from tasks.image import filter_images
+from tasks.io.http import HTTP_ERROR, TIMEOUT, TOO_LARGE, FetchResult, HttpConfig, HttpFetcher
+from tasks.io.polite import BLOCKED_ADDRESS, OPT_OUT, ROBOTS
 from tasks.io.replay import ReplayConfig, ReplayFetcher
 from tasks.io.warc import iter_records
 
@@ -113,6 +128,82 @@ def test_pixel_limit_is_a_decode_error():
         decode_image(jpeg(20, 20), "image/jpeg", FetchConfig(max_pixels=100))
 
 
+def png_bomb(side: int = 10_000) -> bytes:
+    """A greyscale PNG of side x side zero pixels: ~100 KB on the wire, 100 MB once decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    comp = zlib.compressobj(9)
+    row = b"\0" * (side + 1)  # filter byte + pixels
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (120, 120), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
+def rotated_jpeg(w: int = 60, h: int = 40, orientation: int = 6) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encode(Image.fromarray(_pixels(w, h)), "JPEG", quality=90, exif=exif)
+
+
+SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="200" height="200"><rect/></svg>'
+
+
+def test_exif_orientation_is_applied():
+    out = decode_image(rotated_jpeg(), "image/jpeg")
+    assert (out.width, out.height, out.original_width, out.original_height) == (40, 60, 40, 60)
+    with Image.open(io.BytesIO(out.jpeg)) as im:
+        assert im.size == (40, 60) and im.getexif().get(0x0112, 1) == 1
+
+
+@pytest.mark.parametrize("size, stored", [((1600, 1200), (256, 192)), ((300, 900), (85, 256)),
+                                          ((200, 100), (200, 100))])
+def test_max_side_shrinks_keeping_the_ratio_never_enlarges(size, stored):
+    data = jpeg(*size)
+    out = decode_image(data, "image/jpeg", FetchConfig(max_side=256))
+    assert (out.width, out.height) == stored and (out.original_width, out.original_height) == size
+    with Image.open(io.BytesIO(out.jpeg)) as im:
+        assert im.size == stored and im.mode == "RGB"
+    assert (out.jpeg == data) == (size == stored)  # a JPEG needing no change is stored as fetched
+
+
+def test_decompression_bomb_png_is_refused_before_decoding():
+    with pytest.raises(ValueError, match="exceeds 90000000 pixels"):
+        decode_image(png_bomb(), "image/png")
+
+
+def test_animated_gif_keeps_its_first_frame():
+    out = decode_image(animated_gif(), "image/gif")
+    with Image.open(io.BytesIO(out.jpeg)) as im:
+        assert np.abs(np.asarray(im.convert("RGB"), dtype=int)[60, 60] - [255, 0, 0]).max() < 16
+
+
+def test_decode_resized_is_exact_size_rgb():
+    for data in (jpeg(1600, 1200), jpeg(512, 512), jpeg(300, 200, "CMYK"), png_rgba()):
+        im = decode_resized(data, (224, 224))
+        assert (im.size, im.mode) == ((224, 224), "RGB")
+
+
+def test_image_metrics_at_a_fixed_resolution():
+    flat = Image.new("L", (300, 200), 128)
+    assert image_metrics(flat, 256) == (0.0, 0.0, 0.0)
+    checker = Image.fromarray(((np.indices((256, 256)).sum(0) // 4 % 2) * 255).astype(np.uint8))
+    std, lap, ent = image_metrics(checker, 256)
+    assert abs(std - 127.5) < 0.1 and lap > 1000 and abs(ent - 1.0) < 1e-9
+    ramp = Image.fromarray(np.tile(np.linspace(0, 255, 256), (256, 1)).astype(np.uint8))
+    std, lap, ent = image_metrics(ramp, 256)
+    assert std > 50 and lap < 5 and ent > 7.9
+    noise = Image.fromarray(_pixels(512, 512)).convert("L")
+    assert image_metrics(noise, 256) != image_metrics(noise, 512)  # scale-dependent: hence one fixed side
+
+
 # ---------------------------------------------------------------- the stage with a fake fetcher
 
 
@@ -201,11 +292,13 @@ def test_fetch_images_on_an_empty_shard():
 # ---------------------------------------------------------------- WARC replay
 
 
-def _write_image_warc(path, records: list[tuple[str, int, str, bytes]]) -> None:
+def _write_image_warc(path, records: list[tuple]) -> None:
+    """Records of (url, status, content type, body[, extra headers])."""
     with open(path, "wb") as fh:
         writer = WARCWriter(fh, gzip=True)
-        for url, status, ctype, body in records:
-            http = StatusAndHeaders(f"{status} X", [("Content-Type", ctype)], protocol="HTTP/1.1")
+        for url, status, ctype, body, *extra in records:
+            headers = [("Content-Type", ctype), *(extra[0] if extra else [])]
+            http = StatusAndHeaders(f"{status} X", headers, protocol="HTTP/1.1")
             writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body),
                                                           http_headers=http))
 
@@ -269,3 +362,97 @@ def test_fetch_stage_over_replay(image_warc):
     assert out["image"].iloc[0] == jpg
     assert out["sha256"].iloc[2] == hashlib.sha256(gif).hexdigest()
     assert list(zip(out["width"], out["height"], strict=True)) == [(150, 120), (0, 0), (40, 30), (0, 0)]
+
+
+def test_replay_applies_the_fetch_policy(tmp_path):
+    """Opt-out headers on the record, the host's robots.txt record, and literal private addresses."""
+    path = tmp_path / "policy.warc.gz"
+    jpg = jpeg(150, 120)
+    _write_image_warc(path, [
+        ("http://img.example.cn/robots.txt", 200, "text/plain", b"User-agent: *\nDisallow: /members/\n"),
+        ("http://img.example.cn/members/a.jpg", 200, "image/jpeg", jpg),
+        ("http://img.example.cn/public/b.jpg", 200, "image/jpeg", jpg),
+        ("http://img.example.cn/public/c.jpg", 200, "image/jpeg", jpg, [("X-Robots-Tag", "noimageai")]),
+        ("http://10.0.0.1/d.jpg", 200, "image/jpeg", jpg),
+        ("http://other.example.cn/members/e.jpg", 200, "image/jpeg", jpg),  # no robots.txt held: allowed
+    ])
+    urls = ["http://img.example.cn/members/a.jpg", "http://img.example.cn/public/b.jpg",
+            "http://img.example.cn/public/c.jpg", "http://10.0.0.1/d.jpg", "http://other.example.cn/members/e.jpg"]
+    res = ReplayFetcher(_replay_index([path])).fetch_many(urls)
+    assert [r.reason for r in res] == [ROBOTS, None, OPT_OUT, BLOCKED_ADDRESS, None]
+    relaxed = ReplayFetcher(_replay_index([path]), ReplayConfig(robots=False, opt_out=False,
+                                                                allow_networks=("10.0.0.0/8",)))
+    assert all(r.ok for r in relaxed.fetch_many(urls))
+
+
+# ---------------------------------------------------------------- bad input over real HTTP
+
+
+async def _static(request: web.Request) -> web.Response:
+    ctype, body = request.app[FILES][request.path]
+    return web.Response(body=body, headers={"Content-Type": ctype})
+
+
+FILES = web.AppKey("files", dict)
+
+
+def test_bad_inputs_over_http_end_in_their_reasons():
+    """Bodies sniffed, not trusted from Content-Type; bombs, truncation, CMYK, animation, 1x1 and SVG."""
+    cut = jpeg(200, 200)
+    one = _encode(Image.new("RGB", (1, 1), (0, 0, 0)), "PNG")
+    files = {
+        "/jpeg-as-html": ("text/html", jpeg(150, 120)),
+        "/html-as-jpeg.jpg": ("image/jpeg", b"<!DOCTYPE html><html><body>404</body></html>"),
+        "/bomb.png": ("image/png", png_bomb()),
+        "/truncated.jpg": ("image/jpeg", cut[: len(cut) // 2]),
+        "/cmyk.jpg": ("image/jpeg", jpeg(150, 120, "CMYK")),
+        "/animated.gif": ("image/gif", animated_gif()),
+        "/one.png": ("image/png", one),
+        "/logo.svg": ("image/svg+xml", SVG),
+    }
+    app = web.Application()
+    app[FILES] = files
+    for path in files:
+        app.router.add_get(path, _static)
+    with serve(app) as port:
+        urls = [f"http://127.0.0.1:{port}{p}" for p in files]
+        fetcher = HttpFetcher(HttpConfig(allow_networks=("127.0.0.1/32",), retries=0))
+        out = fetch_images(pd.DataFrame({"key": [f"k{i}" for i in range(len(urls))], "url": urls}), fetcher)
+    assert _plain(out["drop_reason"]) == [None, "fetch.not_image", "fetch.decode_error", "fetch.decode_error",
+                                          None, None, None, "fetch.not_image"]
+    with Image.open(io.BytesIO(out["image"].iloc[4])) as im:
+        assert im.mode == "RGB"  # CMYK stored as RGB
+    kept = out[out["drop_reason"].isna()]
+    # the GIF is two flat colours: its first frame has no texture
+    assert _plain(filter_images(kept)["drop_reason"]) == [None, None, "image.low_texture", "image.geometry"]
+
+
+# ---------------------------------------------------------------- the ledger and retries of transient failures
+
+
+def test_ledger_records_every_url_and_a_retry_asks_only_transient_failures():
+    u = "http://img.example.cn/"
+    jpg = jpeg(120, 80)
+    first = FakeFetcher({
+        u + "ok": _ok(u + "ok", jpg),
+        u + "404": _failed(u + "404", HTTP_ERROR, 404),
+        u + "503": FetchResult(u + "503", False, HTTP_ERROR, 503, None, {}, "HTTP 503", 3, True),
+        u + "slow": FetchResult(u + "slow", False, TIMEOUT, None, None, {}, "deadline", 3, True),
+    })
+    frame = pd.DataFrame({"key": ["a", "b", "c", "d", "e"],
+                          "url": [u + "ok", u + "404", u + "503", u + "slow", u + "ok"]})
+    out, ledger = fetch_shard(frame, first)
+    assert ledger["url"].tolist() == [u + "ok", u + "404", u + "503", u + "slow"]
+    assert _plain(ledger["reason"]) == [None, HTTP_ERROR, HTTP_ERROR, TIMEOUT]
+    assert ledger["transient"].tolist() == [False, False, True, True]
+    assert ledger["attempts"].tolist() == [1, 1, 3, 3]
+    assert _plain(ledger["status"]) == [200, 404, 503, None]
+
+    second = FakeFetcher({u + "503": _ok(u + "503", jpeg(130, 90, seed=3)),
+                          u + "slow": FetchResult(u + "slow", False, TIMEOUT, None, None, {}, "deadline", 3, True)})
+    previous = Previous(ledger, image_of={u + "ok": jpg}.get)
+    again, ledger2 = fetch_shard(frame, second, previous=previous)
+    assert second.calls == [[u + "503", u + "slow"]]  # never the success or the 404
+    assert _plain(again["drop_reason"]) == [None, HTTP_ERROR, None, TIMEOUT, None]
+    assert ledger2["attempts"].tolist() == [1, 1, 4, 6]
+    assert again["image"].iloc[0] == jpg and again["original_width"].iloc[2] == 130

@@ -1,4 +1,4 @@
-"""Tests for tasks.image: the geometry rule (1:3 <= W/H <= 3:1 and min side > 100 px)."""
+"""Tests for tasks.image: geometry (1:3 <= W/H <= 3:1, min side > 100 px) and the texture, blur, entropy rules."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ from tasks.image import ImageConfig, filter_images
 GEOMETRY = "image.geometry"
 
 
-def _frame(sizes: list[tuple[int, int]]) -> pd.DataFrame:
+def _frame(sizes: list[tuple[int, int]], metrics: list[tuple[float, float, float]] | None = None) -> pd.DataFrame:
+    metrics = metrics or [(40.0, 5000.0, 7.0)] * len(sizes)  # a well-textured, sharp photo unless a test says
     return pd.DataFrame({
         "key": [f"k{i}" for i in range(len(sizes))],
         "original_width": pd.Series([w for w, _ in sizes], dtype="int64"),
         "original_height": pd.Series([h for _, h in sizes], dtype="int64"),
+        "gray_std": pd.Series([m[0] for m in metrics], dtype="float64"),
+        "laplacian_var": pd.Series([m[1] for m in metrics], dtype="float64"),
+        "gray_entropy": pd.Series([m[2] for m in metrics], dtype="float64"),
     })
 
 
@@ -51,3 +55,26 @@ def test_rows_are_annotated_not_removed():
     assert out["key"].tolist() == frame["key"].tolist()
     assert out["drop_reason"].isna().tolist() == [True, False, True]
     assert "drop_reason" not in frame.columns  # the input frame is not modified
+
+
+@pytest.mark.parametrize("metrics, reason", [
+    ((2.0, 1000.0, 3.0), None),  # every threshold is a strict "<": the boundary passes
+    ((1.99, 5000.0, 7.0), "image.low_texture"),
+    ((40.0, 999.9, 7.0), "image.blur"),
+    ((40.0, 5000.0, 2.99), "image.low_entropy"),
+    ((0.0, 0.0, 0.0), "image.low_texture"),  # several rules fail: the first in the paper's order names it
+    ((40.0, 10.0, 1.0), "image.blur"),
+])
+def test_quality_rules_and_their_order(metrics, reason):
+    got = filter_images(_frame([(300, 200)], [metrics]))["drop_reason"].iloc[0]
+    assert (None if pd.isna(got) else got) == reason
+
+
+def test_geometry_comes_first():
+    assert filter_images(_frame([(50, 50)], [(0.0, 0.0, 0.0)]))["drop_reason"].iloc[0] == GEOMETRY
+
+
+def test_quality_thresholds_are_config():
+    frame = _frame([(300, 200)], [(1.0, 500.0, 2.0)])
+    cfg = ImageConfig(min_gray_std=0.5, min_laplacian_var=100.0, min_gray_entropy=1.0)
+    assert filter_images(frame, cfg)["drop_reason"].isna().all()

@@ -208,7 +208,8 @@ def test_every_reason_is_a_spec_name_and_every_case_is_present(manifest):
     assert {
         "extract.no_src", "extract.bad_url", "extract.duplicate", "source.caption_not_chinese", "source.text_nsfw",
         "source.blacklisted_site", "source.word_count", "fetch.http_error", "fetch.not_image", "fetch.decode_error",
-        "image.geometry", *(f"refine.{r}" for r in REFINE_RULES),
+        "fetch.opt_out", "fetch.robots", "fetch.blocked_address", "image.geometry", "image.low_texture", "image.blur",
+        "image.low_entropy", *(f"refine.{r}" for r in REFINE_RULES),
     } <= {m["expected"] for m in imgs}
     expected_cases = {
         "good", "gbk", "traditional", "no_src", "data_uri", "javascript_src", "duplicate_src", "relative_src",
@@ -291,7 +292,7 @@ def test_image_records_give_each_fate(manifest, responses):
     imgs = [m for m in manifest if m["kind"] == "img" and m["url"] and not m["expected"].startswith("extract.")]
     for m in imgs:
         hit = responses.get(m["url"])
-        if m["case"] == "missing_record":
+        if m["case"] == "missing_record" or m["expected"] == "fetch.blocked_address":
             assert hit is None
             continue
         _, status, _, body = hit
@@ -302,6 +303,9 @@ def test_image_records_give_each_fate(manifest, responses):
         if m["expected"] == "fetch.not_image":
             with pytest.raises(UnidentifiedImageError):
                 _decode(body)
+        elif m["case"] == "png_bomb":
+            with pytest.raises(Image.DecompressionBombError):
+                Image.open(io.BytesIO(body))
         elif m["expected"] == "fetch.decode_error":
             Image.open(io.BytesIO(body))  # the header is fine ...
             with pytest.raises(OSError):
@@ -310,6 +314,10 @@ def test_image_records_give_each_fate(manifest, responses):
             w, h = _decode(body).size
             fits = 1 / 3 <= w / h <= 3 and min(w, h) > 100
             assert fits == (m["expected"] != "image.geometry"), m["case"]
+    noai = [m for m in imgs if m["expected"] == "fetch.opt_out"]
+    assert noai and all("noai" in responses[m["url"]][2].get_header("X-Robots-Tag") for m in noai)
+    robots = responses["https://img3.sample-zh.test/robots.txt"][3].decode()
+    assert all(f"Disallow: /{m['url'].split('/')[3]}/" in robots for m in imgs if m["expected"] == "fetch.robots")
     geometry = {"tiny_80x80": (80, 80), "wide_640x100": (640, 100), "narrow_100x300": (100, 300),
                 "boundary_450x150": (450, 150)}
     assert {m["case"]: _decode(responses[m["url"]][3]).size for m in imgs if m["case"] in geometry} == geometry
@@ -350,8 +358,8 @@ def test_kept_images_are_distinct_photo_like_and_pass_quality_rules(manifest, re
 
 
 def test_sample_stays_small(crawl):
-    # a few MB: small enough for every end-to-end test
-    assert sum(p.stat().st_size for p in [*crawl.warcs, crawl.manifest]) < 6_100_000
+    # a few MB: small enough for every end-to-end test (6.3 MB with the refine, fetch-policy and quality cases)
+    assert sum(p.stat().st_size for p in [*crawl.warcs, crawl.manifest]) < 6_300_000
 
 
 def test_refine_cases_fail_their_rule_under_the_default_config(manifest):

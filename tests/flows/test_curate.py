@@ -54,10 +54,15 @@ def _fates(run_dir: Path) -> tuple[dict[str, str], pd.DataFrame]:
 def test_sample_run_report_follows_the_contract(sample_run):
     run_dir = Path(sample_run["run_dir"])
     check_report(run_dir / "report.json", "--kept-all", "--complete", "source,refine", "--fired", "source,refine",
-                 "--complete", "extract", "--fired", "extract")
+                 "--complete", "extract", "--fired", "extract", "--complete", "fetch")
     report = json.loads((run_dir / "report.json").read_text())
     stages = {s["stage"]: s for s in report["stages"]}
-    assert stages["extract"]["pages_total"] == 40 and stages["extract"]["pages_selected"] == 35
+    assert stages["extract"]["pages_total"] == 42 and stages["extract"]["pages_selected"] == 37
+    for reason in ("fetch.opt_out", "fetch.robots", "fetch.blocked_address", "fetch.decode_error",
+                   "image.geometry", "image.low_texture", "image.blur", "image.low_entropy"):
+        assert stages[reason.split(".")[0]]["dropped"][reason] > 0, reason
+    assert set(stages["image"]["not_run"]) == {"image.duplicate", "image.nsfw"}
+    assert stages["fetch"]["transient_failures"] == 0 and stages["fetch"]["requests"] > 0
     assert stages["image"]["placeholder_model"] and stages["align"]["placeholder_model"]
     # No tokenizer can be loaded offline: the [UNK] rule ran on the placeholder tokenizer, and says so.
     assert stages["refine"]["not_run"] == [] and stages["refine"]["placeholder_model"]

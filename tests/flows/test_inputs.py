@@ -102,7 +102,9 @@ def test_http_fetcher_against_a_local_server(prefect_server, tmp_path):
                                                  f"<html><body><p>{CAPTION}</p>{imgs}</body></html>")])
         (tmp_path / "empty.warc.gz").write_bytes(b"")
         params = CurateParams(warcs=[str(tmp_path / "pages.warc.gz"), str(tmp_path / "empty.warc.gz")],
-                              out=str(tmp_path / "out"), config={"http": {"max_bytes": 200_000}})
+                              out=str(tmp_path / "out"),
+                              # the server is on loopback, which the SSRF guard refuses unless allowed
+                              config={"http": {"max_bytes": 200_000, "allow_networks": ["127.0.0.1/32"]}})
         result = curate(params, cluster=IN_PROCESS)
     finally:
         server.shutdown()
@@ -114,6 +116,67 @@ def test_http_fetcher_against_a_local_server(prefect_server, tmp_path):
     meta = pd.read_parquet(Path(result["run_dir"]) / "steps" / "fetch" / "00000.parquet")
     assert sorted(zip(meta["original_width"], meta["original_height"], strict=True)) == [(320, 240), (400, 300)]
     check_report(Path(result["run_dir"]) / "report.json")
+
+
+def test_retry_failed_fetches_only_transient_failures_then_recomputes_downstream(tmp_path):
+    """The fetch ledger over a real server: a 503 is asked again under retry_failed, a 404 never; a plain
+    re-run after the retry rewrites nothing."""
+    from dataclasses import replace
+
+    from flows import steps
+
+    hits: dict[str, int] = {}
+
+    class Counting(_Images):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            hits[self.path] = hits.get(self.path, 0) + 1
+            super().do_GET()
+
+    _Images.files = {"/ok.jpg": (200, "image/jpeg", _jpeg(320, 240, 1)),
+                     "/busy.jpg": (503, "text/plain", b"busy")}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Counting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        imgs = "".join(f'<img src="{base}/{n}" alt="{CAPTION}{i}号">' for i, n in enumerate(["ok.jpg", "busy.jpg",
+                                                                                           "gone.jpg"]))
+        _page_warc(tmp_path / "pages.warc.gz", [("http://www.example-zh.test/a.html",
+                                                 f"<html><body><p>{CAPTION}</p>{imgs}</body></html>")])
+        ctx = steps.RunContext(run_dir=str(tmp_path / "run"), run_id="retry", lancedb=str(tmp_path / "lancedb"),
+                               config={"http": {"allow_networks": ["127.0.0.1/32"], "retries": 1,
+                                                "backoff_s": 0.01}})
+
+        def run(context):
+            extract = steps.extract.fn(context, "00000", str(tmp_path / "pages.warc.gz"))
+            fetch = steps.fetch.fn(context, "00000", steps.source.fn(context, "00000", extract))
+            return fetch, steps.image.fn(context, "00000", steps.refine.fn(context, "00000", fetch))
+
+        fetch, image = run(ctx)
+        assert fetch["kept"] == 1 and fetch["dropped"] == {"fetch.http_error": 2}
+        assert fetch["extra"]["transient_failures"] == 1 and fetch["extra"]["requests"] == 4  # 1 + 2 + 1
+        ledger = pd.read_parquet(tmp_path / "run" / "steps" / "fetch" / "00000.ledger.parquet").set_index("url")
+        assert ledger.loc[f"{base}/busy.jpg", ["status", "attempts", "transient"]].tolist() == [503, 2, True]
+        assert ledger.loc[f"{base}/gone.jpg", ["status", "attempts", "transient"]].tolist() == [404, 1, False]
+        assert ledger.loc[f"{base}/busy.jpg", "error"] == "HTTP 503"
+
+        assert run(ctx)[0] == fetch  # a plain re-run asks nothing
+        _Images.files["/busy.jpg"] = (200, "image/jpeg", _jpeg(400, 300, 2))
+        before = dict(hits)
+        retried, image2 = run(replace(ctx, retry_failed=True))
+        asked = {p: hits[p] - before.get(p, 0) for p in hits if hits[p] != before.get(p, 0)}
+        assert asked == {"/busy.jpg": 1}  # robots.txt too was read once, by the first run's fetcher
+        assert retried["kept"] == 2 and retried["hash"] != fetch["hash"] and image2["hash"] != image["hash"]
+        assert retried["extra"]["transient_failures"] == 0 and retried["extra"]["requests"] == 1
+        ledger = pd.read_parquet(tmp_path / "run" / "steps" / "fetch" / "00000.ledger.parquet").set_index("url")
+        assert ledger.loc[f"{base}/busy.jpg", ["status", "attempts", "transient"]].tolist() == [200, 3, False]
+
+        files = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+        assert run(ctx)[0] == retried  # plain re-run after the retry: nothing fetched, nothing rewritten
+        assert run(replace(ctx, retry_failed=True))[0] == retried  # no transient failure left: nothing either
+        assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
+        assert hits["/busy.jpg"] == before["/busy.jpg"] + 1 and hits["/gone.jpg"] == 1
+    finally:
+        server.shutdown()
 
 
 @pytest.fixture
