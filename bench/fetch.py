@@ -128,14 +128,8 @@ def serve(port_file: str, n_images: int) -> None:
         asked.clear()  # every run meets the same 429s
         return web.Response(text="ok")
 
-    async def gigabyte(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        chunk = b"\xff" * 65536
-        for _ in range(1_000_000_000 // len(chunk)):
-            await resp.write(chunk)
-        return resp
+    sys.path.insert(0, str(ROOT / "tests"))
+    from local_http import gigabyte  # the same endless body the tests stream
 
     async def main() -> None:
         app = web.Application()

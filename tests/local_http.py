@@ -34,3 +34,14 @@ def serve(app: web.Application, host: str = "127.0.0.1") -> Iterator[int]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+async def gigabyte(request: web.Request) -> web.StreamResponse:
+    """1 GB in 64 KiB chunks, generated as sent: a fetcher must walk away at its cap, not read it all."""
+    resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    chunk = b"\xff" * 65536
+    for _ in range(1_000_000_000 // len(chunk)):
+        await resp.write(chunk)
+    return resp

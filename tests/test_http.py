@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from local_http import serve
+from local_http import gigabyte, serve
 
 from tasks.io.http import HTTP_ERROR, TIMEOUT, TOO_LARGE, HttpConfig, HttpFetcher
 from tasks.io.polite import BLOCKED_ADDRESS, OPT_OUT, ROBOTS, AddressGuard, opted_out
@@ -59,17 +59,6 @@ async def endless(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     for _ in range(1000):
         await resp.write(b"x" * 1024)
-    return resp
-
-
-async def gigabyte(request: web.Request) -> web.StreamResponse:
-    # 1 GB in 64 KiB chunks, generated as sent: the fetcher must walk away at its cap, not read it all.
-    resp = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
-    resp.enable_chunked_encoding()
-    await resp.prepare(request)
-    chunk = b"\xff" * 65536
-    for _ in range(1_000_000_000 // len(chunk)):
-        await resp.write(chunk)
     return resp
 
 
