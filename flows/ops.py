@@ -115,8 +115,46 @@ def backfill(snapshots: list[str] | None = None, first: str | None = None, last:
     return runs
 
 
+ZOMBIE_AUTOMATION = "danqing: crash flow runs without heartbeats"
+
+
+def ensure_zombie_automation(after_s: float | None = None) -> None:
+    """An automation that marks a flow run crashed when its heartbeats stop (a killed worker or machine), so
+    the UI shows it and a retry resumes from its complete shards; created once per server."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    from flows.settings import zombie_after_s
+
+    with get_client(sync_client=True) as client:
+        if client.read_automations_by_name(ZOMBIE_AUTOMATION):
+            return
+    ends = ("heartbeat", "Completed", "Failed", "Cancelled", "Crashed")
+    Automation(
+        name=ZOMBIE_AUTOMATION,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={f"prefect.flow-run.{e}" for e in ends},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=after_s or zombie_after_s()),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message="no heartbeat: its worker or machine stopped; retry to resume")],
+    ).create()
+
+
 def ensure_limits(gpu_slots: int = 1) -> None:
-    """The server-side objects the deployments rely on: the work pools and the `gpu` tag limit."""
+    """The server-side objects the deployments rely on: the work pools, the `gpu` tag limit, and the automation
+    that marks runs whose heartbeats stopped as crashed."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -124,6 +162,7 @@ def ensure_limits(gpu_slots: int = 1) -> None:
     from flows.runtime import ensure_gpu_limit
 
     ensure_gpu_limit(gpu_slots)
+    ensure_zombie_automation()
     with get_client(sync_client=True) as client:
         for pool in POOLS:
             try:

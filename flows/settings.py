@@ -130,6 +130,17 @@ def prefect_api_url() -> str | None:
     return env("PREFECT_API_URL") or None
 
 
+def zombie_after_s() -> float:
+    """How long a flow run may go without a heartbeat before it is marked crashed: DANQING_ZOMBIE_AFTER_S, else
+    three of Prefect's heartbeat intervals (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180 s by default)."""
+    value = env("DANQING_ZOMBIE_AFTER_S")
+    if value:
+        return float(value)
+    from prefect.settings import get_current_settings
+
+    return 3.0 * float(get_current_settings().flows.heartbeat_frequency or 180)
+
+
 def dask_address() -> str | None:
     """DANQING_DASK_ADDRESS: the scheduler that runs without --dask-address use (set by `danqing up`)."""
     return env("DANQING_DASK_ADDRESS") or None

@@ -60,6 +60,8 @@ class Stack:
             "DANQING_DASK_ADDRESS": f"tcp://127.0.0.1:{self.dask_port}",
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
             "PWD": str(ROOT),  # prefect.yaml's pull step runs flows from {{ $PWD }} at deploy time: the checkout
+            # heartbeats every 30 s: a run whose worker dies is marked crashed after 90 s (flows.ops automation)
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"),
         }
 
     # -- lifecycle ------------------------------------------------------------------------------------------

@@ -41,8 +41,9 @@ def _client():
 def deployed(prefect_server):
     """`prefect deploy --all` from deployments/prefect.yaml, as the README tells a user to run it from the checkout:
     the work pools first (deploy refuses a deployment whose pool does not exist)."""
-    res = subprocess.run([sys.executable, "-m", "flows.ops", "ensure-limits", "1"], cwd=ROOT, env=_env(prefect_server),
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "flows.ops", "ensure-limits", "1"], cwd=ROOT,
+                         env=_env(prefect_server, DANQING_ZOMBIE_AFTER_S="45"), capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     res = subprocess.run([*PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
                          cwd=ROOT, env=_env(prefect_server), capture_output=True, text=True, timeout=300)
@@ -204,3 +205,51 @@ def test_a_deployment_pointed_at_an_unreachable_scheduler_fails_clearly(prefect_
     with pytest.raises(OSError, match="127.0.0.1"):
         curate_snapshot.with_options(task_runner=task_runner(None))(params)
     assert time.monotonic() - started < 60
+
+
+def test_a_worker_killed_mid_run_crashes_the_run_and_a_retry_resumes(deployed, sample_crawl, tmp_path):
+    """SIGTERM to a worker (what systemd or Kubernetes sends) ends its flow run as crashed; scheduling that run
+    again finishes it without redoing the shards that were complete."""
+    from prefect.states import Scheduled
+
+    params = {"params": {"warcs": [str(p) for p in sample_crawl.warcs], "out": str(tmp_path / "out"),
+                         "fetcher": "replay"}}
+
+    def start_worker():  # heartbeats every 30 s; the deploy fixture's automation crashes a run after 45 s without
+        return subprocess.Popen([*PREFECT, "worker", "start", "--pool", "danqing-cpu", "--limit", "1"], cwd=ROOT,
+                                env=_env(deployed, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    with _client() as client:
+        deployment = client.read_deployment_by_name("curate-snapshot/curate-snapshot")
+        run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
+        worker = start_worker()
+        try:
+            deadline = time.monotonic() + 300
+            markers = tmp_path / "out"
+            while not list(markers.glob("*/steps/extract/*.done.json")):  # some shards are complete
+                assert time.monotonic() < deadline, "no shard completed"
+                time.sleep(0.5)
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+        deadline = time.monotonic() + 180
+        while not (state := client.read_flow_run(run.id).state).is_final():
+            assert time.monotonic() < deadline, f"run still {state.type} after its worker was killed"
+            time.sleep(1)
+        assert state.is_crashed() or state.is_cancelled(), state
+        done = {p: p.stat().st_mtime_ns for p in markers.glob("*/steps/extract/*.done.json")}
+        assert done
+        client.set_flow_run_state(run.id, Scheduled(), force=True)  # the UI's "Retry"
+        worker = start_worker()
+        try:
+            deadline = time.monotonic() + 420
+            while not (state := client.read_flow_run(run.id).state).is_final():
+                assert time.monotonic() < deadline, f"retried run still {state.type}"
+                time.sleep(2)
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=60)
+        assert state.is_completed(), state.message
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # complete shards were not redone
+    assert list((tmp_path / "out").glob("*/report.json"))
