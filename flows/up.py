@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from flows.ops import POOLS
+from flows.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: deployments/prefect.yaml and the flow entrypoints
 
@@ -49,7 +50,7 @@ class Stack:
     def __init__(self, port: int, out: Path, dask_port: int | None = None, gpu_slots: int = 1):
         self.port, self.out, self.gpu_slots = port, out.resolve(), gpu_slots
         self.home = self.out / ".stack"
-        self.dask_port = dask_port or _free_port()
+        self.dask_port = dask_port or free_port()
         self.api = f"http://127.0.0.1:{port}/api"
         self.procs: list[subprocess.Popen] = []
         self._lock = None
@@ -140,12 +141,6 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _free_port() -> int:
-    from flows.runtime import free_port
-
-    return free_port()
 
 
 def up(port: int, out: Path, gpu_slots: int = 1) -> int:
