@@ -628,6 +628,7 @@ def reference_extract(path: str, config=None, replay: bool = False):
 
     from schemas.contracts import row_key
     from tasks import extract as ex
+    from tasks.io.warc import split_content_type
 
     config = config or ex.ExtractConfig()
     rows, rows_replay = [], []
@@ -637,7 +638,7 @@ def reference_extract(path: str, config=None, replay: bool = False):
     def collect(rec, offset: int, body: bytes, meta: dict[str, str]) -> None:
         if ex.primary_language(meta) not in config.chinese_codes:
             return
-        _, charset = _content_type(rec.http_headers.get_header("Content-Type"))
+        _, charset = split_content_type(rec.http_headers.get_header("Content-Type"))
         html = ex.decode_html(body[: config.max_page_bytes], charset, meta.get("charset-detected"))
         try:
             doc = lxml.html.document_fromstring(html)
@@ -693,7 +694,7 @@ def reference_extract(path: str, config=None, replay: bool = False):
                 status = int(rec.http_headers.get_statuscode() or 0)
                 if replay:
                     rows_replay.append((uri, path, offset, status))
-                mime, _ = _content_type(rec.http_headers.get_header("Content-Type"))
+                mime, _ = split_content_type(rec.http_headers.get_header("Content-Type"))
                 if status != 200 or (mime or "").startswith(config.image_mimes) or (
                         mime is not None and mime not in ex.HTML_TYPES):
                     continue
@@ -702,16 +703,6 @@ def reference_extract(path: str, config=None, replay: bool = False):
                     continue
                 pending = (rec, offset, body)
     return ex.ExtractResult(ex._frame(rows, stats), ex._replay_frame(rows_replay), stats)
-
-
-def _content_type(value: str | None) -> tuple[str | None, str | None]:
-    """(mime, charset) of a Content-Type header, lower-case, as tasks.io.warc reads them."""
-    if not value:
-        return None, None
-    mime, *params = (p.strip() for p in value.split(";"))
-    charset = next((p.split("=", 1)[1].strip("\"' ").lower() or None for p in params
-                    if p.lower().startswith("charset=")), None)
-    return mime.lower() or None, charset
 
 
 # ---- measuring -----------------------------------------------------------------------------------------------------

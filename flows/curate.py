@@ -127,20 +127,19 @@ def _flow_run_name() -> str:
 def curate_snapshot(params: CurateParams, progress: bool = False) -> dict:
     """WARC files or a Common Crawl snapshot -> Chinese image-text pairs: webdataset shards, parquet metadata,
     rejects and a funnel report. At most one run per snapshot is active at a time."""
+    warcs = check_inputs(params)  # an unknown snapshot fails here, before waiting for its slot
     if not params.snapshot:
-        return _curate(params, progress)
+        return _curate(params, warcs, progress)
     from prefect.concurrency.sync import concurrency
 
     from flows.runtime import ensure_snapshot_limit
 
-    check_inputs(params)  # an unknown snapshot fails here, before waiting for its slot
     with concurrency(ensure_snapshot_limit(params.snapshot), occupy=1, strict=True):
-        return _curate(params, progress)
+        return _curate(params, warcs, progress)
 
 
-def _curate(params: CurateParams, progress: bool) -> dict:
+def _curate(params: CurateParams, warcs: list[str], progress: bool) -> dict:
     log = get_run_logger()
-    warcs = check_inputs(params)
     models = resolve_models(params)
     ensure_gpu_limit(params.gpu_slots)
     run_id = params.run_id or derive_run_id(warcs, params.snapshot)

@@ -13,6 +13,7 @@ from selectolax.lexbor import LexborHTMLParser
 
 from schemas.contracts import row_key
 from tasks.io.warc import Record, iter_records, next_member
+from tasks.io.warc import parse_fields as parse_metadata  # languages-cld2, charset-detected, ...
 from tasks.text import is_mostly_chinese
 
 STAGE = "extract"
@@ -65,16 +66,6 @@ def decode_html(body: bytes, http_charset: str | None, detected: str | None) -> 
     return body.decode(tried[0] if tried else "utf-8", errors="replace") if tried else body.decode(
         "utf-8", errors="replace"
     )
-
-
-def parse_metadata(body: bytes) -> dict[str, str]:
-    """Common Crawl's metadata record: `name: value` lines (languages-cld2, charset-detected, ...)."""
-    out = {}
-    for line in body.decode("utf-8", errors="replace").splitlines():
-        name, sep, value = line.partition(":")
-        if sep:
-            out[name.strip().lower()] = value.strip()
-    return out
 
 
 _FIRST_CODE = '"languages":[{"code":"'

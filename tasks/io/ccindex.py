@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs
 
 from tasks.io.cc import CCConfig, RangeFile, resolve, s3_filesystem
+from tasks.io.warc import parse_fields, split_content_type
 
 # Columns read and written, typed as in Common Crawl's published schema. `crawl` and `subset` are partitions:
 # Common Crawl's files hold them only in their path (crawl=.../subset=...), and so do the files written here.
@@ -187,7 +188,7 @@ def _response_row(rec, warc_filename: str) -> dict:
     url = rec.headers.get("WARC-Target-URI") or ""
     url = url[1:-1] if url.startswith("<") and url.endswith(">") else url
     host = (urlsplit(url).hostname or "").lower() or None
-    mime, charset = _content_type(rec.http_headers.get("Content-Type"))
+    mime, charset = split_content_type(rec.http_headers.get("Content-Type"))
     return {
         "url": url,
         "url_host_name": host,
@@ -201,20 +202,8 @@ def _response_row(rec, warc_filename: str) -> dict:
     }
 
 
-def _content_type(value: str | None) -> tuple[str | None, str | None]:
-    if not value:
-        return None, None
-    mime, _, params = value.partition(";")
-    m = re.search(r"charset\s*=\s*[\"']?([^\"';\s]+)", params, re.I)
-    return mime.strip().lower() or None, (m.group(1) if m else None)
-
-
 def _add_metadata(row: dict, body: bytes) -> None:
-    fields = {}
-    for line in body.decode("utf-8", "replace").splitlines():
-        name, sep, value = line.partition(":")
-        if sep:
-            fields[name.strip().lower()] = value.strip()
+    fields = parse_fields(body)
     if fields.get("charset-detected"):
         row["content_charset"] = fields["charset-detected"]
     row["content_languages"] = cld2_languages(fields.get("languages-cld2"))

@@ -78,7 +78,8 @@ class Record:
         return data
 
 
-def _split_type(value: str | None) -> tuple[str | None, str | None]:
+def split_content_type(value: str | None) -> tuple[str | None, str | None]:
+    """(mime, charset) of a Content-Type value, both lower-case; None where absent."""
     if not value:
         return None, None
     parts = [p.strip() for p in value.split(";")]
@@ -87,6 +88,16 @@ def _split_type(value: str | None) -> tuple[str | None, str | None]:
         if p.lower().startswith("charset="):
             charset = p.split("=", 1)[1].strip("\"' ").lower() or None
     return parts[0].lower() or None, charset
+
+
+def parse_fields(body: bytes) -> dict[str, str]:
+    """A `name: value` record body (Common Crawl's metadata records, warcinfo): names lower-case."""
+    out = {}
+    for line in body.decode("utf-8", errors="replace").splitlines():
+        name, sep, value = line.partition(":")
+        if sep:
+            out[name.strip().lower()] = value.strip()
+    return out
 
 
 def _open(path: str, cc: CCConfig | None = None, start: int = 0):
@@ -199,7 +210,7 @@ def _iter_fast(fh, path: str) -> Iterator[Record]:
             status = http.status_code
         else:
             charset, status = None, None
-            mime = _split_type(wh.get("Content-Type"))[0] if kind == "resource" else None
+            mime = split_content_type(wh.get("Content-Type"))[0] if kind == "resource" else None
         yield Record(
             type=kind,
             uri=_bare_uri(wh.get("WARC-Target-URI")),
@@ -260,9 +271,9 @@ def _iter_warcio(fh, path: str) -> Iterator[Record]:
         offset = it.offset  # get_record_offset() would consume the payload
         h = rec.rec_headers
         http = rec.http_headers if rec.rec_type == "response" else None
-        mime, charset = _split_type(http.get_header("Content-Type")) if http else (None, None)
+        mime, charset = split_content_type(http.get_header("Content-Type")) if http else (None, None)
         if http is None:
-            mime = _split_type(h.get_header("Content-Type"))[0] if rec.rec_type == "resource" else None
+            mime = split_content_type(h.get_header("Content-Type"))[0] if rec.rec_type == "resource" else None
         status = None
         if http is not None:
             try:
