@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import best_of  # noqa: E402 - after the checkout is on sys.path
 
 GEN_VERSION = 2  # bump when the generator's output changes: cached WARCs are rebuilt
 CRAWL = "CC-MAIN-2020-34"
@@ -727,12 +728,6 @@ def fastwarc_scan(path: Path) -> int:
         for rec in ArchiveIterator(fh, parse_http=False):
             n += len(rec.reader.read())
     return n
-
-
-def best_of(runs: dict, repeat: int) -> tuple[dict[str, float], dict]:
-    from bench.common import best_of as shared  # the checkout is on sys.path (ROOT above)
-
-    return shared(runs, repeat)
 
 
 def candidate_rows(frame) -> Counter:

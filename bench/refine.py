@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import best_of  # noqa: E402 - after the checkout is on sys.path
 
 CAPTIONS = ROOT.parent / "shared/fixtures/images/coco_cn/coco-cn_ext.icap2020.txt"
 N_GENERATED = 4712
@@ -44,12 +45,6 @@ def load_captions(path: Path = CAPTIONS) -> tuple[list[str], str]:
     weights = [freq[w] for w in words]
     rng = random.Random(0)
     return ["".join(rng.choices(words, weights, k=rng.randint(5, 12))) for _ in range(N_GENERATED)], "generated"
-
-
-def best_of(runs: dict, repeat: int) -> tuple[dict[str, float], dict]:
-    from bench.common import best_of as shared  # the checkout is on sys.path (ROOT above)
-
-    return shared(runs, repeat)
 
 
 def main(argv: list[str] | None = None) -> dict:
