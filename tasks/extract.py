@@ -331,18 +331,8 @@ def _pages(path: str, config: ExtractConfig, stats: dict, replay: list | None, c
         yield pending
 
 
-def is_chinese_page(page: _Page, text: str | None, config: ExtractConfig) -> bool:
-    """Common Crawl's own label when there is one; else the page text must be mostly Chinese."""
-    if page.chinese is not None:
-        return page.chinese
-    if page.meta is not None and "languages-cld2" in page.meta:
-        return primary_language(page.meta) in config.chinese_codes
-    return text is not None and is_mostly_chinese(
-        text, config.fallback_min_han_share, config.fallback_max_kana_share
-    )
-
-
 def _label(page: _Page, config: ExtractConfig) -> bool | None:
+    """Common Crawl's own label (the index's, or the metadata record's primary language); None without one."""
     if page.chinese is None and page.meta is not None and "languages-cld2" in page.meta:
         page.chinese = primary_language(page.meta) in config.chinese_codes
     return page.chinese
@@ -381,9 +371,9 @@ def _collect(pages: Iterator[_Page], path: str, config: ExtractConfig, stats: di
             tree = LexborHTMLParser(body)  # CC detected UTF-8: lexbor decodes it itself, a third faster
         else:
             tree = LexborHTMLParser(decode_html(body, page.rec.charset, detected))
-        if page.chinese is None:
+        if page.chinese is None:  # no label: the page text must be mostly Chinese
             text = tree.body.text(separator=" ") if tree.body is not None else ""
-            if not is_chinese_page(page, text, config):
+            if not is_mostly_chinese(text, config.fallback_min_han_share, config.fallback_max_kana_share):
                 continue
         stats["pages_selected"] += 1
         _page_candidates(page, tree, snapshot or stats.get("snapshot") or "unknown", path, config, rows)
