@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 
 from flows import steps
 from flows.report import prepare_report
-from flows.runtime import ensure_gpu_limit, task_runner
+from flows.runtime import commit_lock, ensure_gpu_limit, task_runner, wait_for_runs
 from flows.settings import CurateParams, LocalClusterSpec, build_config, check_config, config_dict
 from tasks.io import shards
 from tasks.lexicon import Lexicon
@@ -170,23 +170,32 @@ def _curate(params: CurateParams, warcs: list[str], progress: bool) -> dict:
     with _gpu_placement(params.gpu_resource):
         futures["embed"] = [steps.embed.submit(ctx, s, u) for s, u in zip(ids, futures["image"], strict=True)]
     lance = steps.load_lancedb.submit(ctx, futures["embed"])
-    band = steps.fit_align_band.submit(ctx, futures["embed"])
-    futures["align"] = [steps.align.submit(ctx, s, u, band) for s, u in zip(ids, futures["embed"], strict=True)]
-    futures["crossbatch"] = [steps.crossbatch.submit(ctx, s, u) for s, u in zip(ids, futures["align"], strict=True)]
-    futures["write"] = [steps.write.submit(ctx, s, u) for s, u in zip(ids, futures["crossbatch"], strict=True)]
+    groups = steps.dedup.submit(ctx, futures["embed"])
+    futures["diversify"] = [steps.diversify.submit(ctx, s, u, groups)
+                            for s, u in zip(ids, futures["embed"], strict=True)]
+    band = steps.fit_align_band.submit(ctx, futures["diversify"])
+    futures["align"] = [steps.align.submit(ctx, s, u, band) for s, u in zip(ids, futures["diversify"], strict=True)]
 
     results: dict[str, list[dict]] = {}
-    commit_report = None
-    with _progress(progress) as bar:
+    reduces: dict[str, dict] = {}
+    with _progress(progress) as bar, contextlib.ExitStack() as locked:
         for step in STEP_ORDER:
+            if step == "crossbatch":
+                # Cross-batch dedup, the dataset and the commit run one output root at a time, in commit order.
+                reduces.update(align_band=band.result(), lancedb=lance.result(), dedup=groups.result())
+                wait_for_runs(params.commit_after)
+                locked.enter_context(commit_lock(ctx.lancedb))
+                search = steps.crossbatch_search.submit(ctx, futures["align"], futures["embed"], reduces["lancedb"])
+                futures["crossbatch"] = [steps.crossbatch.submit(ctx, s, u, search)
+                                         for s, u in zip(ids, futures["align"], strict=True)]
+                futures["write"] = [steps.write.submit(ctx, s, u)
+                                    for s, u in zip(ids, futures["crossbatch"], strict=True)]
+                done = steps.commit.submit(ctx, futures["write"], reduces["lancedb"])
             if step == "write":  # render the report while the dataset shards are written
-                reduces = {"align_band": band.result(), "lancedb": lance.result()}
-                if rindex is not None:
-                    reduces["replay_index"] = rindex.result()
-                if selection is not None:
-                    reduces["cc_index"] = selection.result()
-                if corpus is not None:
-                    reduces["word_counts"] = corpus.result()
+                reduces["crossbatch"] = search.result()
+                for name, fut in (("replay_index", rindex), ("cc_index", selection), ("word_counts", corpus)):
+                    if fut is not None:
+                        reduces[name] = fut.result()
                 commit_report = prepare_report(ctx, results, reduces)
             bar_id = bar.add_task(step, total=len(ids)) if bar else None
             results[step] = []
@@ -194,6 +203,7 @@ def _curate(params: CurateParams, warcs: list[str], progress: bool) -> dict:
                 results[step].append(fut.result())  # raises the task's own error (e.g. a ContractError)
                 if bar:
                     bar.advance(bar_id)
+        done.result()
     report = commit_report()
     log.info("dataset: %s  report: %s", run_dir / "dataset", run_dir / "report.json")
     return {"run_id": run_id, "run_dir": str(run_dir), "report": report}

@@ -21,7 +21,7 @@ def idempotency_key(params: CurateParams) -> str:
     The snapshot id leads the key so the UI's runs read well; the hash covers everything that changes the
     run's output (selection, models, thresholds, output root), so a deliberately different run gets its own.
     """
-    body = params.model_dump(mode="json")
+    body = params.model_dump(mode="json", exclude={"commit_after"})  # ordering, not output
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"curate:{params.snapshot or 'warcs'}:{digest}"
 
@@ -101,9 +101,13 @@ def backfill(snapshots: list[str] | None = None, first: str | None = None, last:
         chosen = snapshot_range(ids, first or last, last or first)
     else:
         raise ValueError("give snapshots, or first and last of a range")
+    chosen.sort(key=lambda s: -ids.index(s))  # oldest first: collinfo lists the newest first
     runs = []
     for snapshot in chosen:
-        run = trigger(template.model_copy(update={"snapshot": snapshot, "warcs": []}), deployment, as_subflow=True)
+        # each run waits for the earlier snapshots' runs before it commits: the backfill commits in snapshot order
+        params = template.model_copy(update={"snapshot": snapshot, "warcs": [],
+                                             "commit_after": [r["flow_run"] for r in runs]})
+        run = trigger(params, deployment, as_subflow=True)
         runs.append({"snapshot": snapshot, "flow_run": str(run.id), "name": run.name})
     from prefect.settings import PREFECT_UI_URL
 

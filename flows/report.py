@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from flows.steps import BUILT_RULES, STEPS
+from flows.steps import STEPS, built_rules
 from schemas.reasons import STAGES, stage_reasons
 from tasks.paper import PAPER_AFTER, PAPER_STAGE_AFTER
 from tasks.paper import SOURCE as PAPER_SOURCE
@@ -70,6 +70,19 @@ def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], 
                                   "text_nsfw": refine.text_nsfw_threshold if "nsfw_text" in ctx.models else None}
     band = reduces.get("align_band", {}).get("extra", {})
     by["align"]["band"] = {k: band.get(k) for k in ("low", "high", "fitted", "n", "target_removal", "low_share")}
+    by["align"]["captions_truncated"] = sum(m.get("extra", {}).get("captions_truncated", 0)
+                                            for m in results.get("embed", []))
+    dedup = reduces.get("dedup", {}).get("extra", {})
+    by["image"]["dedup"] = {k: dedup.get(k) for k in ("threshold", "method", "rows", "pairs", "groups",
+                                                      "group_size_hist", "largest_group", "giant_groups")}
+    if "nsfw_image" not in ctx.models:
+        by["image"]["nsfw_image_model"] = None  # no default exists: image.nsfw is listed in not_run
+    xb = reduces.get("crossbatch", {}).get("extra", {})
+    by["crossbatch"]["search"] = {k: xb.get(k) for k in ("earlier_runs", "committed_rows", "queries", "matches",
+                                                         "threshold", "method", "nprobes", "refine_factor",
+                                                         "recall_sample", "pair_recall", "nearest_recall")}
+    if embed_placeholder:
+        by["crossbatch"]["placeholder_model"] = True
     return {
         "run_id": ctx.run_id,
         "stages": stages,
@@ -129,7 +142,21 @@ def render_markdown(report: dict) -> str:
         how = "fitted to the paper's removal rate by quantiles" if band.get("fitted") else "fixed"
         lines += ["", f"Alignment band: cosine [{band['low']:.4f}, {band['high']:.4f}], {how}; "
                       f"low_share {band.get('low_share')}."]
-    lines += ["", "![funnel](report.funnel.png)", "", "![caption words](report.caption_words.png)", ""]
+    dd = by["image"].get("dedup") or {}
+    if dd.get("rows") is not None:
+        lines += ["", f"Image dedup ({dd.get('method')}): {dd['rows']} images, {dd.get('pairs')} linked pairs "
+                      f"within cosine distance {dd.get('threshold')}, {dd.get('groups')} groups, largest "
+                      f"{dd.get('largest_group')}" + (f"; **{len(dd['giant_groups'])} giant group(s)**"
+                                                      if dd.get("giant_groups") else "") + "."]
+    xb = by["crossbatch"].get("search") or {}
+    if xb.get("queries") is not None:
+        recall = f", ANN recall vs exact {xb['pair_recall']}" if xb.get("pair_recall") is not None else ""
+        lines += ["", f"Cross-batch: {xb['queries']} survivors against {xb.get('committed_rows')} committed rows of "
+                      f"{len(xb.get('earlier_runs') or [])} earlier run(s) ({xb.get('method')} search{recall}): "
+                      f"{xb.get('matches')} repeats."]
+    lines += ["", "![funnel](report.funnel.png)", "", "![caption words](report.caption_words.png)", "",
+              "![similarity](report.similarity.png)", "", "![duplicate groups](report.groups.png)", "",
+              "![clusters](report.clusters.png)", ""]
     return "\n".join(lines)
 
 
@@ -174,6 +201,37 @@ def plot_word_counts(hist: list[int], path: Path, lo: int, hi: int) -> None:
         ax.set_ylabel("captions")
 
 
+def plot_similarity(band: dict, path: Path) -> None:
+    """Histogram of the image-text similarity entering align, with the band marked."""
+    counts, edges = band["histogram"]["counts"], band["histogram"]["edges"]
+    with _figure(path, (8, 3.5)) as ax:
+        ax.stairs(counts, edges, fill=True, label="pairs entering align")
+        how = "fitted to the paper's rate" if band.get("fitted") else "fixed"
+        ax.axvspan(band["low"], band["high"], color="green", alpha=0.15, label=f"band kept ({how})")
+        ax.set_xlabel("image-text cosine similarity (align model)")
+        ax.set_ylabel("pairs")
+
+
+def plot_group_sizes(hist: dict, path: Path) -> None:
+    """Duplicate groups by size (stage 3 redundancy): how many groups of 2, 3, ... images."""
+    sizes = sorted(int(k) for k in hist)
+    with _figure(path, (8, 3.5)) as ax:
+        ax.bar([str(s) for s in sizes], [hist[str(s)] if str(s) in hist else hist[s] for s in sizes],
+               label="duplicate groups")
+        ax.set_xlabel("group size (images linked within the dedup radius)")
+        ax.set_ylabel("groups")
+        if sizes:
+            ax.set_yscale("log")
+
+
+def plot_cluster_sizes(sizes: list[int], path: Path) -> None:
+    """Sizes of k-means clusters over the image embeddings, largest first (the paper's semantic balance)."""
+    with _figure(path, (8, 3.5)) as ax:
+        ax.plot(range(1, len(sizes) + 1), sizes, marker=".", label=f"{len(sizes)} k-means clusters")
+        ax.set_xlabel("cluster rank")
+        ax.set_ylabel("images in cluster")
+
+
 def prepare_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict]) -> Callable[[], dict]:
     """Render report.json, report.md and report.*.png to temporary names, and return the function that
     puts them in place and publishes the Prefect artifacts.
@@ -181,7 +239,7 @@ def prepare_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict]
     The flow renders while the last dataset shards are still being written, and puts the report in
     place only once they are: a report never describes a dataset that is not there.
     """
-    report = build_report(ctx, results, reduces, BUILT_RULES)
+    report = build_report(ctx, results, reduces, built_rules(ctx))
     root = Path(ctx.run_dir)
     staged: list[tuple[Path, Path]] = []
 
@@ -197,6 +255,12 @@ def prepare_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict]
     hist = _sum_hists([m["extra"].get("word_count_hist", []) for m in results.get("source", [])])
     src = ctx.cfg("source")
     stage("report.caption_words.png", lambda p: plot_word_counts(hist, p, src.min_words, src.max_words))
+    band = reduces.get("align_band", {}).get("extra", {})
+    if band.get("histogram"):
+        stage("report.similarity.png", lambda p: plot_similarity(band, p))
+    dedup = reduces.get("dedup", {}).get("extra", {})
+    stage("report.groups.png", lambda p: plot_group_sizes(dedup.get("group_size_hist") or {}, p))
+    stage("report.clusters.png", lambda p: plot_cluster_sizes(dedup.get("cluster_sizes") or [], p))
 
     def commit() -> dict:
         for tmp, final in staged:

@@ -155,11 +155,14 @@ def ensure_snapshot_limit(snapshot: str) -> str:
 
     Slots are leases that the holder renews, so a run killed mid-way frees its snapshot when the lease ends.
     """
+    return _ensure_global_limit(f"snapshot-{snapshot}")
+
+
+def _ensure_global_limit(name: str) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    name = f"snapshot-{snapshot}"
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -169,3 +172,37 @@ def ensure_snapshot_limit(snapshot: str) -> str:
             except ObjectAlreadyExists:  # another run created it first
                 pass
     return name
+
+
+def commit_lock(lancedb_uri: str):
+    """The output root's commit lock: a global concurrency limit of 1 per LanceDB URI, held from the cross-batch
+    search to the commit, so runs compare against and commit to the shared memory one at a time."""
+    import hashlib
+
+    from prefect.concurrency.sync import concurrency
+
+    uri = lancedb_uri if "://" in lancedb_uri else str(Path(lancedb_uri).resolve())
+    name = _ensure_global_limit(f"commit-{hashlib.sha256(uri.encode()).hexdigest()[:16]}")
+    return concurrency(name, occupy=1, strict=True)
+
+
+def wait_for_runs(flow_run_ids: list[str], poll_s: float = 5.0) -> None:
+    """Wait until each flow run is in a final state (a backfill's earlier snapshots commit first; one that
+    failed or was cancelled commits nothing and is not waited for again)."""
+    if not flow_run_ids:
+        return
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    def final(run_id: str) -> bool:
+        state = client.read_flow_run(UUID(run_id)).state
+        return state is not None and state.is_final()
+
+    pending = list(flow_run_ids)
+    with get_client(sync_client=True) as client:
+        while pending:
+            pending = [i for i in pending if not final(i)]
+            if pending:
+                log.info("waiting for %d earlier run(s) to commit first", len(pending))
+                time.sleep(poll_s)

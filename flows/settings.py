@@ -11,12 +11,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from tasks.align import AlignConfig
+from tasks.dedup import DedupConfig
 from tasks.embed import EmbedConfig
 from tasks.extract import ExtractConfig
 from tasks.fetch import FetchConfig
 from tasks.image import ImageConfig
 from tasks.io.cc import CCConfig
 from tasks.io.http import HttpConfig
+from tasks.io.lance import SearchConfig
 from tasks.io.replay import ReplayConfig
 from tasks.refine import RefineConfig
 from tasks.source import SourceConfig
@@ -33,7 +35,9 @@ CONFIG_SECTIONS: dict[str, type] = {
     "refine": RefineConfig,
     "image": ImageConfig,
     "embed": EmbedConfig,
+    "dedup": DedupConfig,
     "align": AlignConfig,
+    "crossbatch": SearchConfig,
     "cc": CCConfig,
 }
 
@@ -77,6 +81,8 @@ class CurateParams(BaseModel):
     max_failure_fraction: float = Field(0.01, description="row-level contract failures tolerated per shard")
     gpu_slots: int = Field(1, description="concurrent model tasks (Prefect tag 'gpu' limit)")
     gpu_resource: bool = Field(False, description="annotate model tasks with the Dask resource GPU=1")
+    commit_after: list[str] = Field(default_factory=list, description=(
+        "flow-run ids that must finish before this run commits (a backfill commits in snapshot order)"))
 
 
 def build_config(section: str, values: dict[str, Any] | None):

@@ -15,6 +15,8 @@ from prefect.cache_policies import NO_CACHE
 from flows.settings import build_config, config_dict
 from schemas import contracts as C
 from tasks import align as align_stage
+from tasks import crossbatch as crossbatch_stage
+from tasks import dedup as dedup_stage
 from tasks import embed as embed_stage
 from tasks import extract as extract_stage
 from tasks import fetch as fetch_stage
@@ -23,9 +25,8 @@ from tasks import refine as refine_stage
 from tasks import source as source_stage
 from tasks import write as write_stage
 from tasks.io import cc as cc_source
-from tasks.io import ccindex, shards
+from tasks.io import ccindex, lance, shards
 from tasks.io.http import HttpFetcher
-from tasks.io.lance import upsert_embeddings
 from tasks.io.replay import ReplayFetcher
 
 CODE_VERSION = version("danqing")  # part of every step hash: a release that changes behaviour recomputes
@@ -62,6 +63,7 @@ STEPS: dict[str, tuple[str, type]] = {
     "refine": ("refine", C.RefinedSchema),
     "image": ("image", C.FilteredImageSchema),
     "embed": ("image", C.ScoredSchema),
+    "diversify": ("image", C.DiversifiedSchema),
     "align": ("align", C.SelectedSchema),
     "crossbatch": ("crossbatch", C.SelectedSchema),
 }
@@ -74,8 +76,15 @@ BUILT_RULES: dict[str, tuple[str, ...]] = {
     "refine": refine_stage.RULES,
     "image": image_stage.RULES,
     "align": align_stage.RULES,
-    "crossbatch": (),
+    "crossbatch": crossbatch_stage.RULES,
 }
+
+
+def built_rules(ctx: RunContext) -> dict[str, tuple[str, ...]]:
+    """The rules this run ran: image safety only with an `nsfw_image` model (no default exists)."""
+    if "nsfw_image" in ctx.models:
+        return BUILT_RULES
+    return {**BUILT_RULES, "image": tuple(r for r in BUILT_RULES["image"] if r != "nsfw")}
 
 _TRANSIENT = (ConnectionError, TimeoutError)
 
@@ -403,23 +412,41 @@ def run_reduce(ctx: RunContext, name: str, suffix: str, inputs: list, compute: C
 
 @task(name="embed", task_run_name="embed-{shard}", cache_policy=NO_CACHE, tags=["gpu"])
 def embed(ctx: RunContext, shard: str, upstream: dict) -> dict:
+    """Model work on one shard, each image decoded once: its vector (embed role), its image-text cosine (align
+    role) and, with an `nsfw_image` model, its safety class. Runs where the `gpu` tag and resource allow."""
     from tasks.models import load_model
 
     cfg = ctx.cfg("embed")
+    labels = ctx.cfg("image").nsfw_labels
 
     def compute():
         embed_model = load_model(_resolved(ctx, "embed"))
         align_model = embed_model if ctx.models["align"] == ctx.models["embed"] else load_model(
             _resolved(ctx, "align"))
+        nsfw = _image_classifier(ctx)
         with images_of(ctx, shard) as images:
             scored, vectors = embed_stage.embed_pairs(_read(ctx, "image", shard), embed_model, align_model, cfg,
-                                                      image_of=images.__getitem__)
+                                                      image_of=images.__getitem__, nsfw_model=nsfw,
+                                                      nsfw_labels=labels if nsfw else ())
         vectors, _ = C.validate(C.EmbeddingSchema, vectors, "image", 0.0)
-        extra = {"dim": int(embed_model.dim), "worker": _worker_name()}
-        return scored, extra, {".vectors.parquet": vectors}
+        extra = {"identity": dict(embed_model.identity), "worker": _worker_name(),
+                 "captions_truncated": int(scored["caption_truncated"].sum())}
+        return scored, extra, {VECTORS: vectors}
 
-    inputs = [upstream["hash"], ctx.models["embed"], ctx.models["align"]]
-    return run_shard_step(ctx, "embed", shard, inputs, compute, config_dict(cfg))
+    inputs = [upstream["hash"], ctx.models["embed"], ctx.models["align"], ctx.models.get("nsfw_image")]
+    return run_shard_step(ctx, "embed", shard, inputs, compute, {**config_dict(cfg), "nsfw_labels": labels})
+
+
+VECTORS = ".vectors.parquet"  # the embed step's key -> image vector file of its kept rows
+
+
+def _image_classifier(ctx: RunContext):
+    """The nsfw_image model when the run names one (loaded once per worker process), else None."""
+    if "nsfw_image" not in ctx.models:
+        return None
+    from tasks.models import load_image_classifier
+
+    return load_image_classifier(_resolved(ctx, "nsfw_image"))
 
 
 def _worker_name() -> str | None:
@@ -439,57 +466,218 @@ def _resolved(ctx: RunContext, role: str):
     return ResolvedModel(role=role, name=name, placeholder=placeholder, source=source, warning=None)
 
 
+def _identity(embeds: list[dict]) -> dict | None:
+    return next((m["extra"]["identity"] for m in embeds if m.get("extra", {}).get("identity")), None)
+
+
 @task(name="load-lancedb", cache_policy=NO_CACHE)
 def load_lancedb(ctx: RunContext, embeds: list[dict]) -> dict:
-    """Reduce, one writer: every shard's vectors into the model's LanceDB table."""
-    name = ctx.models["embed"][0]
+    """Reduce, one writer: every shard's vectors into the model's LanceDB table; the ANN index once it is large."""
+    identity = _identity(embeds)
+    search = ctx.cfg("crossbatch")
 
     def compute(out: Path) -> dict:
         table, rows = "", 0
         for m in embeds:
-            vectors = shards.read_parquet(output(ctx, m, ".vectors.parquet"))
-            table = upsert_embeddings(ctx.lancedb, name, ctx.run_id, ctx.snapshot or "unknown", vectors) or table
+            vectors = shards.read_parquet(output(ctx, m, VECTORS))
+            table = lance.upsert_embeddings(ctx.lancedb, identity, ctx.run_id, ctx.snapshot or "unknown",
+                                            vectors) or table
             rows += len(vectors)
-        shards.write_json({"table": table, "rows": rows, "uri": ctx.lancedb}, out)
-        return {"table": table, "rows": rows}
+        index = lance.ensure_index(lance.open_embeddings(ctx.lancedb, identity), search) if table else {}
+        result = {"table": table, "rows": rows, "uri": ctx.lancedb, "identity": identity, "index": index}
+        shards.write_json(result, out)
+        return result
 
-    return run_reduce(ctx, "lancedb", ".json", [ctx.lancedb, *[m["hash"] for m in embeds]], compute)
+    return run_reduce(ctx, "lancedb", ".json", [ctx.lancedb, search.index_min_rows, *[m["hash"] for m in embeds]],
+                      compute)
+
+
+def _run_vectors(ctx: RunContext, embeds: list[dict], keys: set[str] | None = None):
+    """(keys, shard ids, float32 matrix) of the run's vectors in shard order, optionally only `keys`."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    all_keys, all_shards, parts = [], [], []
+    for m in embeds:
+        t = pq.read_table(output(ctx, m, VECTORS), columns=["key", "vector"])
+        k = t.column("key").to_pylist()
+        if not k:
+            continue
+        v = t.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(len(k), -1)
+        if keys is not None:
+            mask = np.fromiter((x in keys for x in k), bool, len(k))
+            k, v = [x for x, keep in zip(k, mask, strict=True) if keep], v[mask]
+        all_keys += k
+        all_shards += [m["shard"]] * len(k)
+        parts.append(np.asarray(v, np.float32))
+    dim = parts[0].shape[1] if parts else 0
+    return all_keys, all_shards, np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+
+@task(name="dedup", cache_policy=NO_CACHE)
+def dedup(ctx: RunContext, embeds: list[dict]) -> dict:
+    """Reduce over the whole run (stage 3 redundancy): neighbours within the radius, union-find groups, the member
+    nearest each group's mean kept. One row per vector: its shard, group (the key of the group's first row),
+    group size and whether it is kept. Also the cluster sizes of a k-means over the vectors, for the report."""
+    import numpy as np
+
+    cfg = ctx.cfg("dedup")
+
+    def compute(out: Path) -> dict:
+        keys, shard_of, vectors = _run_vectors(ctx, embeds)
+        result = dedup_stage.dedup(vectors, cfg)
+        key_arr = np.asarray(keys, dtype=object)
+        frame = pd.DataFrame({
+            "key": pd.Series(keys, dtype="str"), "shard": pd.Series(shard_of, dtype="str"),
+            "group_key": pd.Series(key_arr[result.group] if len(keys) else [], dtype="str"),
+            "group_size": pd.Series(result.group_size, dtype="int64"),
+            "keep": pd.Series(result.keep, dtype=bool),
+            "distance_to_mean": pd.Series(result.distance_to_mean, dtype="float32"),
+        })
+        shards.write_parquet(frame, out)
+        stats = _jsonable(result.stats)
+        if stats.get("giant_groups"):
+            from prefect import get_run_logger
+
+            get_run_logger().warning("dedup: %d giant group(s) of >= %d images: %s", len(stats["giant_groups"]),
+                                     cfg.giant_group, stats["giant_groups"][:5])
+        return {"rows": len(keys), "pairs": int(result.pairs), "method": result.method, "threshold": cfg.threshold,
+                **stats, "cluster_sizes": _cluster_sizes(vectors, cfg.seed)}
+
+    return run_reduce(ctx, "dedup", ".parquet", [config_dict(cfg), *[m["hash"] for m in embeds]], compute)
+
+
+CLUSTERS = 100  # k-means clusters of the report's cluster-size curve (the paper's semantic-balance analysis)
+
+
+def _cluster_sizes(vectors, seed: int) -> list[int]:
+    """Cluster sizes, largest first, of a k-means over the run's image vectors (at most CLUSTERS clusters)."""
+    import numpy as np
+
+    k = min(CLUSTERS, len(vectors) // 5)
+    if k < 2:
+        return [len(vectors)] if len(vectors) else []
+    _, assignment = dedup_stage.kmeans(vectors, k, seed=seed)
+    return sorted((int(c) for c in np.bincount(assignment, minlength=k)), reverse=True)
+
+
+def _jsonable(obj):
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+@task(name="diversify", task_run_name="diversify-{shard}", cache_policy=NO_CACHE)
+def diversify(ctx: RunContext, shard: str, upstream: dict, groups: dict) -> dict:
+    """Stage 3 on one shard after the embed step: `image.duplicate` from the dedup reduce, then `image.nsfw`."""
+    nsfw = "nsfw_image" in ctx.models
+
+    def compute():
+        frame = _read(ctx, "embed", shard)
+        frame["drop_reason"] = pd.Series(pd.NA, index=frame.index, dtype="str")
+        mine = pd.read_parquet(output(ctx, groups, ".parquet"), filters=[("shard", "==", shard)])
+        frame = image_stage.mark_duplicates(frame, mine)
+        return (image_stage.mark_nsfw(frame) if nsfw else frame), {}, {}
+
+    return run_shard_step(ctx, "diversify", shard, [upstream["hash"], groups["hash"], nsfw], compute)
+
+
+SIMILARITY_BINS = 100  # the report's histogram of image-text similarity
 
 
 @task(name="fit-align-band", cache_policy=NO_CACHE)
-def fit_align_band(ctx: RunContext, embeds: list[dict]) -> dict:
-    """Reduce: the band over all shards' scores (fitted to the paper's rate unless fixed)."""
+def fit_align_band(ctx: RunContext, diversified: list[dict]) -> dict:
+    """Reduce: the band over all shards' scores entering align (fitted to the paper's rate unless fixed)."""
+    import numpy as np
+
     cfg = ctx.cfg("align")
     name, placeholder, _ = ctx.models["align"]
 
     def compute(out: Path) -> dict:
-        scores = pd.concat([_read(ctx, "embed", m["shard"])["align_cosine"] for m in embeds]) if embeds else []
-        band = align_stage.choose_band(pd.Series(scores, dtype="float64").to_numpy(), cfg, name, placeholder)
+        parts = [_read(ctx, "diversify", m["shard"])["align_cosine"] for m in diversified]
+        scores = pd.concat(parts).to_numpy(np.float64) if parts else np.zeros(0)
+        band = align_stage.choose_band(scores, cfg, name, placeholder)
         result = {**config_dict(band), "target_removal": cfg.target_removal, "low_share": cfg.low_share}
         shards.write_json(result, out)
-        return result
+        lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (-1.0, 1.0)
+        counts, edges = np.histogram(scores, bins=SIMILARITY_BINS, range=(min(lo, band.low), max(hi, band.high)))
+        return {**result, "histogram": {"counts": counts.tolist(), "edges": edges.round(6).tolist()}}
 
     return run_reduce(ctx, "align_band", ".json", [config_dict(cfg), [name, placeholder],
-                                                    *[m["hash"] for m in embeds]], compute)
+                                                    *[m["hash"] for m in diversified]], compute)
 
 
 @task(name="align", task_run_name="align-{shard}", cache_policy=NO_CACHE)
 def align(ctx: RunContext, shard: str, upstream: dict, band: dict) -> dict:
     b = align_stage.Band(band["extra"]["low"], band["extra"]["high"], band["extra"]["fitted"], band["extra"]["n"])
     return run_shard_step(ctx, "align", shard, [upstream["hash"], band["hash"]],
-                          lambda: (align_stage.apply_band(_read(ctx, "embed", shard), b), {}, {}))
+                          lambda: (align_stage.apply_band(_read(ctx, "diversify", shard), b), {}, {}))
+
+
+@task(name="crossbatch-search", cache_policy=NO_CACHE)
+def crossbatch_search(ctx: RunContext, aligns: list[dict], embeds: list[dict], loaded: dict) -> dict:
+    """Reduce (under the output root's commit lock): this run's survivors against the committed rows of every
+    run committed before it, in the model's LanceDB table. Re-computed when that set of runs changes."""
+    cfg = ctx.cfg("crossbatch")
+    table_name = loaded["extra"]["table"]
+    earlier = [r for r in lance.earlier_runs(ctx.lancedb, ctx.run_id) if r["table"] == table_name and table_name]
+
+    def compute(out: Path) -> dict:
+        survivors = set()
+        for m in aligns:
+            survivors.update(_read(ctx, "align", m["shard"])["key"])
+        keys, _, vectors = _run_vectors(ctx, embeds, survivors)
+        table = lance.open_embeddings(ctx.lancedb, loaded["extra"]["identity"], create=False) if table_name else None
+        runs = [r["run_id"] for r in earlier]
+        if table is None:
+            found, info = lance.no_matches(), {"method": "none", "committed_rows": 0}
+        else:
+            found, info = lance.search_committed(table, vectors, runs, cfg)
+        qi, match_key, match_run, dist = found
+        key_arr = pd.Series(keys, dtype="str").to_numpy()
+        matches = pd.DataFrame({"key": pd.Series(key_arr[qi], dtype="str"),
+                                "match_key": pd.Series(list(match_key), dtype="str"),
+                                "match_run": pd.Series(list(match_run), dtype="str"),
+                                "match_distance": pd.Series(dist, dtype="float64")})
+        shards.write_parquet(matches, out)
+        return {"earlier_runs": runs, "queries": len(keys), "matches": int(len(matches)),
+                "threshold": cfg.threshold, **info}
+
+    identity = [config_dict(cfg), loaded["hash"], [(r["run_id"], r["seq"]) for r in earlier],
+                *[m["hash"] for m in aligns]]
+    return run_reduce(ctx, "crossbatch", ".parquet", identity, compute)
 
 
 @task(name="crossbatch", task_run_name="crossbatch-{shard}", cache_policy=NO_CACHE)
-def crossbatch(ctx: RunContext, shard: str, upstream: dict) -> dict:
-    """No rule built yet (the diversification issue): passes every row through, reported as not_run."""
+def crossbatch(ctx: RunContext, shard: str, upstream: dict, search: dict) -> dict:
+    """`crossbatch.duplicate` on one shard, from the crossbatch search reduce."""
 
     def compute():
         frame = _read(ctx, "align", shard)
-        frame["drop_reason"] = pd.Series(pd.NA, index=frame.index, dtype="str")
-        return frame, {}, {}
+        matches = shards.read_parquet(output(ctx, search, ".parquet"))
+        return crossbatch_stage.mark_crossbatch(frame, matches[matches["key"].isin(frame["key"])]), {}, {}
 
-    return run_shard_step(ctx, "crossbatch", shard, [upstream["hash"]], compute)
+    return run_shard_step(ctx, "crossbatch", shard, [upstream["hash"], search["hash"]], compute)
+
+
+@task(name="commit", cache_policy=NO_CACHE)
+def commit(ctx: RunContext, writes: list[dict], loaded: dict) -> dict:
+    """Reduce, last, under the commit lock: the written rows become committed in LanceDB and the run takes the
+    next place in the commit order. Exactly once: the register is checked before anything is marked."""
+
+    def compute(out: Path) -> dict:
+        kept = [k for m in writes for k in _read(ctx, "crossbatch", m["shard"])["key"]]
+        result = lance.commit_run(ctx.lancedb, loaded["extra"]["table"], ctx.run_id, ctx.snapshot, kept)
+        shards.write_json(result, out)
+        return result
+
+    return run_reduce(ctx, "commit", ".json", [loaded["hash"], *[m["hash"] for m in writes]], compute)
 
 
 @task(name="write", task_run_name="write-{shard}", cache_policy=NO_CACHE)

@@ -97,9 +97,19 @@ class ScoredSchema(FilteredImageSchema):
     """embed output: image-text cosine similarity under the align model."""
 
     align_cosine: Series[np.float64] = pa.Field(ge=-1.0001, le=1.0001)
+    caption_truncated: Series[bool]  # the caption was longer than the align model's text context
+    nsfw_score: Series[np.float64] = pa.Field(nullable=True, ge=0.0, le=1.0)  # NaN: no nsfw_image model
+    nsfw_unsafe: Series[bool]  # the nsfw_image model's top class is a highest-risk one
 
 
-class SelectedSchema(ScoredSchema):
+class DiversifiedSchema(ScoredSchema):
+    """image output after redundancy and safety: each row with its duplicate group (itself when alone)."""
+
+    group_key: Series[str] = pa.Field(str_matches=rf"^[0-9a-f]{{{KEY_HEX}}}$")
+    group_size: Series[np.int64] = pa.Field(ge=1)
+
+
+class SelectedSchema(DiversifiedSchema):
     """align and crossbatch output: what goes into the dataset."""
 
 

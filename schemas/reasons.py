@@ -11,7 +11,7 @@ REASONS: dict[str, tuple[str, ...]] = {
         "blocked_address",
     ),
     "refine": ("lid", "stop_words", "no_noun", "unk_tokens", "low_entropy", "text_safety"),
-    "image": ("geometry", "low_texture", "blur", "low_entropy", "duplicate", "nsfw"),
+    "image": ("geometry", "low_texture", "blur", "low_entropy", "embed_error", "duplicate", "nsfw"),
     "align": ("out_of_band",),
     "crossbatch": ("duplicate",),
 }

@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 
 STAGE = "image"
-RULES = ("geometry", "low_texture", "blur", "low_entropy")  # duplicate, nsfw: diversification
+# the quality rules (filter_images), then the embed step's failures and the diversification rules
+RULES = ("geometry", "low_texture", "blur", "low_entropy", "embed_error", "duplicate", "nsfw")
+NSFW_LABELS = ("nsfw", "porn", "hentai", "explicit", "sexual", "unsafe")
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,9 @@ class ImageConfig:
     min_gray_std: float = 2.0  # paper: greyscale pixel std sigma < 2 is low texture
     min_laplacian_var: float = 1000.0  # paper: Laplacian variance < 1000 is blur (at FetchConfig.metric_side)
     min_gray_entropy: float = 3.0  # paper: 256-bin greyscale histogram entropy < 3 bits
+    # image safety: the nsfw_image model's highest-risk class names (case-insensitive); an image whose top class
+    # is one of them is dropped. The paper's 4-class EVA02 model is unpublished: match your model's labels.
+    nsfw_labels: tuple[str, ...] = NSFW_LABELS
 
 
 def filter_images(frame: pd.DataFrame, config: ImageConfig = ImageConfig()) -> pd.DataFrame:
@@ -41,4 +46,31 @@ def filter_images(frame: pd.DataFrame, config: ImageConfig = ImageConfig()) -> p
     for name, bad in reversed(rules):  # the earliest rule is written last, so it wins
         reason[bad.fillna(True).to_numpy(dtype=bool)] = f"{STAGE}.{name}"
     out["drop_reason"] = reason
+    return out
+
+
+def mark_duplicates(frame: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
+    """Stage 3 redundancy on one shard: `groups` (the run's dedup reduce, rows of this shard) gives each row its
+    group and whether it is the member kept; the others are `image.duplicate`. Rows already dropped keep their
+    reason; every row still undecided must have a group (a missing one is a broken reduce, never a silent keep)."""
+    out = frame.copy()
+    g = groups.set_index("key")
+    undecided = out["drop_reason"].isna().to_numpy()
+    missing = ~out.loc[undecided, "key"].isin(g.index)
+    if missing.any():
+        raise RuntimeError(f"dedup reduce has no group for {int(missing.sum())} row(s), e.g. "
+                           f"{out.loc[undecided, 'key'][missing].iloc[0]}")
+    out["group_key"] = out["key"].map(g["group_key"]).fillna(out["key"]).astype("str")  # dropped rows: their own
+    out["group_size"] = out["key"].map(g["group_size"]).fillna(1).astype("int64")
+    keep = out["key"].map(g["keep"]).fillna(True).astype(bool)
+    out.loc[undecided & ~keep.to_numpy(), "drop_reason"] = f"{STAGE}.duplicate"
+    return out
+
+
+def mark_nsfw(frame: pd.DataFrame) -> pd.DataFrame:
+    """Stage 3 image safety: rows whose image the `nsfw_image` model put in its highest-risk class (scored in
+    the embed step, column `nsfw_unsafe`) are `image.nsfw`, unless already dropped."""
+    out = frame.copy()
+    unsafe = out["nsfw_unsafe"].fillna(False).astype(bool).to_numpy()
+    out.loc[out["drop_reason"].isna().to_numpy() & unsafe, "drop_reason"] = f"{STAGE}.nsfw"
     return out

@@ -16,12 +16,13 @@ from tasks.refine import SCORE_COLUMNS as REFINE_SCORES
 METADATA_COLUMNS = [
     "key", "url", "caption", "alt_text", "page_url", "snapshot", "width", "height", "sha256",
     "original_width", "original_height", "mime", "word_count", "gray_std", "laplacian_var", "gray_entropy",
-    "align_cosine",
+    "align_cosine", "caption_truncated", "nsfw_score", "group_key", "group_size",
     "page_host", "image_host", "warc_file", "warc_offset", "warc_date",
     *REFINE_SCORES,
 ]
 # Scores a rejects file keeps when the frame has them, so thresholds can be refitted from kept rows and rejects.
-SCORE_COLUMNS = list(REFINE_SCORES)
+SCORE_COLUMNS = [*REFINE_SCORES, "align_cosine", "nsfw_score", "group_key", "group_size", "crossbatch_match_key",
+                 "crossbatch_match_run", "crossbatch_distance"]
 REJECT_COLUMNS = [
     "key", "url", "page_url", "alt_text", "drop_reason", "snapshot", "page_host", "image_host",
     "warc_file", "warc_offset",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tasks.image import ImageConfig, filter_images
+from tasks.image import ImageConfig, filter_images, mark_duplicates, mark_nsfw
 
 GEOMETRY = "image.geometry"
 
@@ -78,3 +78,33 @@ def test_quality_thresholds_are_config():
     frame = _frame([(300, 200)], [(1.0, 500.0, 2.0)])
     cfg = ImageConfig(min_gray_std=0.5, min_laplacian_var=100.0, min_gray_entropy=1.0)
     assert filter_images(frame, cfg)["drop_reason"].isna().all()
+
+
+def _diversify_frame(keys: list[str], reasons: list[str | None] | None = None) -> pd.DataFrame:
+    return pd.DataFrame({"key": keys, "drop_reason": pd.Series(reasons or [None] * len(keys), dtype="str"),
+                         "nsfw_unsafe": [False] * len(keys)})
+
+
+def test_duplicates_keep_the_chosen_member_and_record_the_group():
+    frame = _diversify_frame(["a", "b", "c", "d"])
+    groups = pd.DataFrame({"key": ["a", "b", "c", "d"], "group_key": ["a", "a", "a", "d"],
+                           "group_size": [3, 3, 3, 1], "keep": [False, True, False, True]})
+    out = mark_duplicates(frame, groups)
+    assert out["drop_reason"].isna().tolist() == [False, True, False, True]
+    assert set(out.loc[[0, 2], "drop_reason"]) == {"image.duplicate"}
+    assert out["group_key"].tolist() == ["a", "a", "a", "d"] and out["group_size"].tolist() == [3, 3, 3, 1]
+
+
+def test_a_row_without_a_group_is_an_error_not_a_silent_keep():
+    frame = _diversify_frame(["a", "b"])
+    groups = pd.DataFrame({"key": ["a"], "group_key": ["a"], "group_size": [1], "keep": [True]})
+    with pytest.raises(RuntimeError, match="no group for 1 row"):
+        mark_duplicates(frame, groups)
+
+
+def test_nsfw_drops_unsafe_rows_not_already_dropped():
+    frame = _diversify_frame(["a", "b", "c"], [None, None, "image.duplicate"])
+    frame["nsfw_unsafe"] = [True, False, True]
+    out = mark_nsfw(frame)
+    assert out.loc[0, "drop_reason"] == "image.nsfw" and pd.isna(out.loc[1, "drop_reason"])
+    assert out.loc[2, "drop_reason"] == "image.duplicate"

@@ -1,8 +1,17 @@
-"""LanceDB: one embeddings table per model under <out>/lancedb, written by a single writer."""
+"""LanceDB: the memory of everything curated under one output root.
+
+One embeddings table per model under <out>/lancedb (vectors of different models or revisions are never
+mixed), written by a single writer per run, and a `runs` table: the commit register. A run commits once its
+dataset is written: its kept rows get `committed = true`, then the run gets the next commit sequence number.
+Cross-batch dedup compares a run only with runs committed before it.
+"""
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -11,6 +20,25 @@ import pyarrow as pa
 # An unenforced primary key makes concurrent upserts of the same ids conflict (and retry) instead of
 # silently duplicating rows (STACK.md); the flow still keeps one writer per table.
 _PK = {"lance-schema:unenforced-primary-key": "true"}
+RUNS_TABLE = "runs"
+_MODEL_KEYS = (b"danqing.model", b"danqing.revision", b"danqing.dim")
+
+
+class TableMismatch(ValueError):
+    """An embeddings table holds vectors of another model, revision or dimension: refused, never mixed."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How a run's survivors are searched against the committed rows of earlier runs (cross-batch dedup)."""
+
+    threshold: float = 0.1  # cosine distance; the stage-3 redundancy radius, applied across batches (SPEC)
+    index_min_rows: int = 100_000  # an ANN index is built once the table has this many rows; exact search below
+    nprobes: int = 64  # IVF lists searched per query (STACK.md: recall needs many, with a refine step)
+    refine_factor: int = 50  # candidates re-ranked on full vectors per result
+    query_batch: int = 1024  # query vectors per search call
+    recall_sample: int = 200  # survivors whose ANN result is checked against exact search (the report's recall)
+    exact_block: int = 65_536  # committed rows per block in the exact search
 
 
 def table_name(model_name: str, dim: int) -> str:
@@ -20,7 +48,9 @@ def table_name(model_name: str, dim: int) -> str:
     return f"embed_{slug}_{dim}"
 
 
-def _schema(dim: int) -> pa.Schema:
+def _schema(identity: dict) -> pa.Schema:
+    dim = int(identity["dim"])
+    meta = dict(zip(_MODEL_KEYS, (str(identity["name"]), str(identity.get("revision")), str(dim)), strict=True))
     return pa.schema([
         pa.field("row_id", pa.string(), nullable=False, metadata=_PK),  # "<run_id>/<key>"
         pa.field("key", pa.string(), nullable=False),
@@ -28,36 +58,281 @@ def _schema(dim: int) -> pa.Schema:
         pa.field("snapshot", pa.string()),
         pa.field("sha256", pa.string()),
         pa.field("model", pa.string()),
-        pa.field("committed", pa.bool_()),  # set once the run that wrote the row has finished (cross-batch)
+        pa.field("model_revision", pa.string()),
+        pa.field("committed", pa.bool_()),  # the run that wrote the row finished and kept the row (cross-batch)
         pa.field("vector", pa.list_(pa.float32(), dim)),
+    ], metadata=meta)
+
+
+def _runs_schema() -> pa.Schema:
+    return pa.schema([
+        pa.field("run_id", pa.string(), nullable=False, metadata=_PK),
+        pa.field("seq", pa.int64(), nullable=False),  # commit order in this output root: earlier rows win
+        pa.field("table", pa.string()),
+        pa.field("snapshot", pa.string()),
+        pa.field("rows", pa.int64()),
+        pa.field("committed_at", pa.float64()),
     ])
 
 
-def upsert_embeddings(uri: str, model_name: str, run_id: str, snapshot: str, vectors: pd.DataFrame) -> str:
+def open_embeddings(uri: str, identity: dict, create: bool = True):
+    """The model's table, created when missing; a table written by another model, revision or dimension
+    under the same name is refused (`TableMismatch`)."""
+    import lancedb
+
+    db = lancedb.connect(uri)
+    name = table_name(str(identity["name"]), int(identity["dim"]))
+    schema = _schema(identity)
+    if name not in _tables(db):
+        if not create:
+            return None
+        try:
+            return db.create_table(name, schema=schema)
+        except ValueError:  # another process created it first: check it like any existing table
+            pass
+    table = db.open_table(name)
+    _check_identity(table, name, schema)
+    return table
+
+
+def _check_identity(table, name: str, wanted: pa.Schema) -> None:
+    have = table.schema
+    got = {k: (have.metadata or {}).get(k) for k in _MODEL_KEYS}
+    expect = {k: wanted.metadata[k] for k in _MODEL_KEYS}
+    if got != expect or have.field("vector").type != wanted.field("vector").type:
+        def show(m):
+            return ", ".join(f"{k.decode().split('.')[1]}={(v or b'?').decode()}" for k, v in m.items())
+
+        raise TableMismatch(
+            f"LanceDB table {name!r} holds embeddings of {show(got)}; this run's model is {show(expect)}. "
+            "Vectors of different models are never mixed: use another --lancedb, or another model name"
+        )
+
+
+def upsert_embeddings(uri: str, identity: dict, run_id: str, snapshot: str, vectors: pd.DataFrame) -> str:
     """Insert or update one shard's vectors (idempotent on run id + key); returns the table name.
 
     A `snapshot` column in `vectors` (the crawl each row came from) wins over the `snapshot` argument.
+    Re-writing a row resets its `committed` flag only when the run has not committed yet (commit runs last).
     """
-    import lancedb
-
-    dim = len(vectors["vector"].iloc[0]) if len(vectors) else 0
-    if dim == 0:
+    if not len(vectors):
         return ""
-    name = table_name(model_name, dim)
-    schema = _schema(dim)
-    db = lancedb.connect(uri)
-    table = db.create_table(name, schema=schema, exist_ok=True)
+    dim = len(vectors["vector"].iloc[0])
+    if dim != int(identity["dim"]):
+        raise TableMismatch(f"vectors of dimension {dim} for model {identity['name']!r} of dimension {identity['dim']}")
+    table = open_embeddings(uri, identity)
+    schema = table.schema
+    n = len(vectors)
     data = pa.table({
         "row_id": [f"{run_id}/{k}" for k in vectors["key"]],
         "key": vectors["key"].astype(str).tolist(),
-        "run_id": [run_id] * len(vectors),
-        "snapshot": vectors["snapshot"].astype(str).tolist() if "snapshot" in vectors else [snapshot] * len(vectors),
+        "run_id": [run_id] * n,
+        "snapshot": vectors["snapshot"].astype(str).tolist() if "snapshot" in vectors else [snapshot] * n,
         "sha256": vectors["sha256"].astype(str).tolist(),
-        "model": [model_name] * len(vectors),
-        "committed": [False] * len(vectors),
+        "model": [str(identity["name"])] * n,
+        "model_revision": [str(identity.get("revision"))] * n,
+        "committed": [False] * n,
         "vector": pa.FixedSizeListArray.from_arrays(
             pa.array(np.concatenate([np.asarray(v, np.float32) for v in vectors["vector"]])), dim
         ),
     }).cast(schema)
-    table.merge_insert("row_id").when_matched_update_all().when_not_matched_insert_all().execute(data)
-    return name
+    _retry(lambda: table.merge_insert("row_id").when_matched_update_all().when_not_matched_insert_all()
+           .execute(data))
+    return table.name
+
+
+def _retry(write, attempts: int = 8):
+    """A write that conflicts with another process's commit (the primary key turns duplicate inserts into
+    conflicts) is retried with backoff; the other writer's rows are then matched, not duplicated."""
+    for attempt in range(attempts):
+        try:
+            return write()
+        except (OSError, RuntimeError, ValueError) as error:
+            if attempt == attempts - 1 or "onflict" not in str(error) and "etry" not in str(error):
+                raise
+            time.sleep(0.05 * 2 ** attempt)
+    return None
+
+
+def ensure_index(table, config: SearchConfig = SearchConfig()) -> dict:
+    """Build the ANN index (IVF-PQ, cosine) once the table holds `index_min_rows`; afterwards fold new rows in
+    (`optimize`). Returns what the report says about it."""
+    rows = table.count_rows()
+    if rows < config.index_min_rows:
+        return {"index": None, "rows": rows}
+    indices = [i for i in table.list_indices() if "vector" in i.columns]
+    if not indices:
+        from lancedb.index import IvfPq
+
+        dim = table.schema.field("vector").type.list_size
+        table.create_index("vector", config=IvfPq(distance_type="cosine", num_partitions=max(1, int(rows ** 0.5)),
+                                                  num_sub_vectors=_sub_vectors(dim)))
+    else:
+        stats = table.index_stats(indices[0].name)
+        if stats is not None and stats.num_unindexed_rows:
+            table.optimize()
+    return {"index": "IVF_PQ", "rows": rows}
+
+
+def _sub_vectors(dim: int) -> int:
+    for n in (dim // 16, dim // 8, dim // 4, dim // 2, dim, 1):
+        if n >= 1 and dim % n == 0:
+            return n
+    return 1
+
+
+def commit_run(uri: str, table: str, run_id: str, snapshot: str | None, kept_keys: list[str]) -> dict:
+    """Mark the run's kept rows committed and register the run with the next sequence number. Idempotent: a
+    run already registered keeps its sequence number; a killed commit is completed by running it again."""
+    import lancedb
+
+    db = lancedb.connect(uri)
+    runs = db.create_table(RUNS_TABLE, schema=_runs_schema(), exist_ok=True)
+    existing = runs.search().where(f"run_id = {_sql(run_id)}").limit(1).to_list()
+    if existing:
+        return {"run_id": run_id, "seq": int(existing[0]["seq"]), "rows": int(existing[0]["rows"]), "new": False}
+    if table and kept_keys:
+        embeddings = db.open_table(table)
+        keep = set(kept_keys)
+        current = embeddings.search().where(f"run_id = {_sql(run_id)}").select(["row_id", "key"]).limit(None)
+        rows = current.to_arrow()
+        ids = [r for r, k in zip(rows["row_id"].to_pylist(), rows["key"].to_pylist(), strict=True) if k in keep]
+        missing = len(keep) - len(ids)
+        if missing:
+            raise RuntimeError(f"commit of run {run_id}: {missing} kept rows have no embedding in table {table}")
+        for start in range(0, len(ids), 10_000):
+            chunk = ids[start:start + 10_000]
+            embeddings.update(where=f"row_id IN ({', '.join(_sql(i) for i in chunk)})", values={"committed": True})
+    seq = runs.count_rows() + 1  # commits are serialised by the flow's global concurrency limit of 1
+    runs.add(pa.table({"run_id": [run_id], "seq": [seq], "table": [table], "snapshot": [snapshot],
+                       "rows": [len(kept_keys)], "committed_at": [time.time()]}).cast(runs.schema))
+    return {"run_id": run_id, "seq": seq, "rows": len(kept_keys), "new": True}
+
+
+def earlier_runs(uri: str, run_id: str) -> list[dict]:
+    """The runs committed before `run_id` (all committed runs when it has not committed), in commit order."""
+    import lancedb
+
+    db = lancedb.connect(uri)
+    if RUNS_TABLE not in _tables(db):
+        return []
+    runs = db.open_table(RUNS_TABLE).to_arrow().to_pylist()
+    own = next((r["seq"] for r in runs if r["run_id"] == run_id), None)
+    return sorted((r for r in runs if r["run_id"] != run_id and (own is None or r["seq"] < own)),
+                  key=lambda r: r["seq"])
+
+
+def _tables(db) -> set[str]:
+    names, token = set(), None
+    while True:  # paged: a root with many models' tables lists them in several pages
+        page = db.list_tables(page_token=token)
+        names.update(page.tables)
+        token = page.page_token
+        if not token:
+            return names
+
+
+def _sql(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def committed_filter(run_ids: list[str]) -> str:
+    return f"committed = true AND run_id IN ({', '.join(_sql(r) for r in run_ids)})"
+
+
+def no_matches():
+    """The empty result of `search_committed`."""
+    return np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0, object), np.zeros(0, np.float32)
+
+
+def search_committed(table, queries: np.ndarray, run_ids: list[str], config: SearchConfig = SearchConfig()):
+    """Nearest committed row of the runs `run_ids` for each query row: (query index, key, run id, distance)
+    arrays for the queries whose nearest committed row lies within `config.threshold` (cosine distance),
+    and how the search ran ({"method", "recall", ...})."""
+    info = {"method": "none", "committed_rows": 0}
+    if not run_ids or len(queries) == 0:
+        return no_matches(), info
+    where = committed_filter(run_ids)
+    info["committed_rows"] = table.count_rows(where)
+    if not info["committed_rows"]:
+        return no_matches(), info
+    indexed = any("vector" in i.columns for i in table.list_indices())
+    if indexed:
+        found = _ann(table, queries, where, config)
+        info.update(method="ann", nprobes=config.nprobes, refine_factor=config.refine_factor,
+                    **_recall(table, queries, where, config, found))
+    else:
+        found = _exact(table, queries, where, config)
+        info.update(method="exact")
+    qi, keys, runs, dist = found
+    close = dist < config.threshold
+    return (qi[close], keys[close], runs[close], dist[close]), info
+
+
+def _nearest(result: pa.Table, n: int):
+    """Per query index, its nearest hit from a multi-vector search result."""
+    frame = result.select(["query_index", "key", "run_id", "_distance"]).to_pandas()
+    frame = frame.sort_values(["query_index", "_distance"]).drop_duplicates("query_index")
+    return (frame["query_index"].to_numpy(np.int64), frame["key"].to_numpy(object), frame["run_id"].to_numpy(object),
+            frame["_distance"].to_numpy(np.float32))
+
+
+def _ann(table, queries: np.ndarray, where: str, config: SearchConfig, exact: bool = False):
+    parts = []
+    for start in range(0, len(queries), config.query_batch):
+        batch = queries[start:start + config.query_batch]
+        query = table.search(batch if len(batch) > 1 else batch[0]).distance_type("cosine")
+        query = query.where(where, prefilter=True).select(["key", "run_id", "_distance"]).limit(1)
+        if exact:
+            query = query.bypass_vector_index()
+        else:
+            query = query.nprobes(config.nprobes).refine_factor(config.refine_factor)
+        result = query.to_arrow()
+        if "query_index" not in result.column_names:
+            result = result.append_column("query_index", pa.array(np.zeros(result.num_rows, np.int64)))
+        qi, keys, runs, dist = _nearest(result, len(batch))
+        parts.append((qi + start, keys, runs, dist))
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
+
+
+def _recall(table, queries: np.ndarray, where: str, config: SearchConfig, found) -> dict:
+    """Recall of the ANN search against exact search on a sample of the queries: of the sampled queries whose
+    exact nearest committed row lies within the threshold, the share the ANN search also found within it (same
+    row); and the share whose nearest row the ANN search got right at all."""
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(len(queries), size=min(config.recall_sample, len(queries)), replace=False))
+    eq, ekeys, eruns, edist = _ann(table, queries[sample], where, config, exact=True)
+    ann = {int(q): (k, r, d) for q, k, r, d in zip(*found, strict=True)}
+    same = [ann.get(int(sample[q]), (None, None, 1.0))[:2] == (k, r) for q, k, r in zip(eq, ekeys, eruns, strict=True)]
+    close = edist < config.threshold
+    hits = [s and ann[int(sample[q])][2] < config.threshold for q, s in zip(eq[close], np.asarray(same)[close],
+                                                                            strict=True)]
+    return {"recall_sample": int(len(sample)),
+            "pair_recall": float(np.mean(hits)) if hits else None,
+            "nearest_recall": float(np.mean(same)) if same else None}
+
+
+def _exact(table, queries: np.ndarray, where: str, config: SearchConfig):
+    """Exact nearest committed row per query: blocks of committed rows against all queries (matrix products)."""
+    q = np.asarray(queries, np.float32)
+    best = np.full(len(q), np.inf, np.float32)
+    best_key = np.empty(len(q), object)
+    best_run = np.empty(len(q), object)
+    for block in _blocks(table, where, config.exact_block):
+        vecs = block.column("vector").combine_chunks().values.to_numpy().reshape(block.num_rows, -1)
+        dist = 1.0 - q @ vecs.T
+        arg = dist.argmin(axis=1)
+        d = dist[np.arange(len(q)), arg]
+        better = d < best
+        keys = np.asarray(block.column("key").to_pylist(), object)
+        runs = np.asarray(block.column("run_id").to_pylist(), object)
+        best[better], best_key[better], best_run[better] = d[better], keys[arg[better]], runs[arg[better]]
+    hit = np.isfinite(best)
+    return np.flatnonzero(hit).astype(np.int64), best_key[hit], best_run[hit], best[hit]
+
+
+def _blocks(table, where: str, size: int) -> Iterator[pa.Table]:
+    reader = table.search().where(where).select(["key", "run_id", "vector"]).limit(None).to_batches(size)
+    for batch in reader:
+        if batch.num_rows:
+            yield pa.Table.from_batches([batch])

@@ -61,7 +61,9 @@ def test_sample_run_report_follows_the_contract(sample_run):
     for reason in ("fetch.opt_out", "fetch.robots", "fetch.blocked_address", "fetch.decode_error",
                    "image.geometry", "image.low_texture", "image.blur", "image.low_entropy"):
         assert stages[reason.split(".")[0]]["dropped"][reason] > 0, reason
-    assert set(stages["image"]["not_run"]) == {"image.duplicate", "image.nsfw"}
+    assert stages["image"]["not_run"] == ["image.nsfw"]  # no nsfw_image model: it has no default
+    assert stages["crossbatch"]["not_run"] == [] and stages["crossbatch"]["search"]["earlier_runs"] == []
+    assert stages["image"]["dedup"]["rows"] == stages["image"]["kept"] + stages["image"]["dropped"]["image.duplicate"]
     assert stages["fetch"]["transient_failures"] == 0 and stages["fetch"]["requests"] > 0
     assert stages["image"]["placeholder_model"] and stages["align"]["placeholder_model"]
     # No tokenizer can be loaded offline: the [UNK] rule ran on the placeholder tokenizer, and says so.
@@ -69,7 +71,8 @@ def test_sample_run_report_follows_the_contract(sample_run):
     assert report["models"]["tokenizer"]["placeholder"]
     md = (run_dir / "report.md").read_text()
     assert "| Chinese LID | `refine.lid` |" in md and "Refine thresholds" in md
-    for name in ("report.md", "report.funnel.png", "report.caption_words.png"):
+    for name in ("report.md", "report.funnel.png", "report.caption_words.png", "report.similarity.png",
+                 "report.groups.png", "report.clusters.png"):
         assert (run_dir / name).stat().st_size > 0
     assert "DanQing" in (run_dir / "report.md").read_text() or "paper" in (run_dir / "report.md").read_text()
 
@@ -143,7 +146,7 @@ def test_rerun_rewrites_nothing_and_a_threshold_change_recomputes_downstream(sam
     for step in ("extract", "source", "fetch", "refine"):
         for p in (run_dir / "steps" / step).glob("*.done.json"):
             assert mtime[p] == before[p], f"{step} recomputed"
-    for step in ("image", "embed", "align", "crossbatch", "write"):
+    for step in ("image", "embed", "diversify", "align", "crossbatch", "write"):
         for p in (run_dir / "steps" / step).glob("*.done.json"):
             assert mtime[p] != before[p], f"{step} not recomputed"
     image = {s["stage"]: s for s in changed["report"]["stages"]}["image"]
