@@ -1,6 +1,6 @@
 """The `danqing` command: `run` curates WARC files or a snapshot (the sample crawl by default), `up` starts a
 local Prefect + Dask stack with the deployments, `calibrate` fits a run's unpublished thresholds to the paper's
-removal rates, `sample` writes the sample crawl."""
+removal rates, `sample` writes the sample crawl (or one of its cross-batch variants)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--warc", nargs="+", metavar="PATH",
                      help="WARC files: paths or http(s)/s3 URLs; with --snapshot, names from its listing "
                           "(default: the sample crawl)")
+    run.add_argument("--sample-variant", type=int, metavar="N",
+                     help="instead of the sample crawl, its variant N (1, then 2 into the same --out: cross-batch "
+                          "dedup), written to <out>/sample-crawl")
     run.add_argument("--out", default=DEFAULT_OUT, help=f"output root (default {DEFAULT_OUT})")
     run.add_argument("--run-id", help="run id (default: derived from the inputs, so a re-run resumes)")
     run.add_argument("--snapshot", metavar="CC-MAIN-YYYY-WW",
@@ -63,27 +66,33 @@ def _parser() -> argparse.ArgumentParser:
                                                    "use it with `danqing run --thresholds FILE`")
     sample = sub.add_parser("sample", help="write the sample crawl")
     sample.add_argument("--out", default=f"{DEFAULT_OUT}/sample-crawl", help="directory for the WARC files")
+    sample.add_argument("--variant", type=int, metavar="N",
+                        help="write variant N instead (sample-vN.warc.gz, manifest-vN.json): 1 and 2 are small "
+                             "crawls for cross-batch dedup, to run one after the other into one output root")
     return p
 
 
-def _sample(out: Path):
-    from tasks.sample import write_sample_crawl
+def _sample(out: Path, variant: int | None = None):
+    """The sample crawl, or its variant; an unknown variant is a ValueError before anything is written."""
+    from tasks.sample import write_sample_crawl, write_sample_variant
 
-    return write_sample_crawl(out)
+    return write_sample_crawl(out) if variant is None else write_sample_variant(variant, out)
 
 
 def cmd_run(args) -> int:
-    from flows.curate import curate
-
     out = Path(args.out)
     warcs = args.warc
     fetcher = args.fetcher
     config = load_thresholds(args.thresholds) if args.thresholds else {}  # a bad file fails before any work
+    if args.sample_variant is not None and (warcs or args.snapshot):
+        raise ValueError("--sample-variant names the input itself: leave out --warc and --snapshot")
     if not warcs and not args.snapshot:
-        crawl = _sample(out / "sample-crawl")
+        crawl = _sample(out / "sample-crawl", args.sample_variant)
         warcs = [str(p) for p in crawl.warcs]
         fetcher = fetcher or "replay"
-        print(f"sample crawl: {len(warcs)} WARC files in {out / 'sample-crawl'}")
+        print(f"sample crawl: {', '.join(p.name for p in crawl.warcs)} in {out / 'sample-crawl'}")
+    from flows.curate import curate  # after the inputs are settled: a bad argument fails without the import's wait
+
     params = CurateParams(
         warcs=warcs or [], out=str(out), run_id=args.run_id, snapshot=args.snapshot, fetcher=fetcher or "http",
         warc_limit=args.warc_limit, warc_offset=args.warc_offset, select=args.select, cc_base_url=args.cc_base_url,
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return up(args.port, Path(args.out), args.gpu_slots)
         if args.command == "sample":
-            crawl = _sample(Path(args.out))
+            crawl = _sample(Path(args.out), args.variant)
             print(f"sample crawl: {', '.join(str(p) for p in crawl.warcs)}\nmanifest: {crawl.manifest}")
             return 0
         if args.command == "calibrate":
