@@ -1,4 +1,5 @@
-"""Builds tiny random-weight SigLIP, SigLIP2, Chinese-CLIP and BERT-classifier checkpoints offline, for tests only.
+"""Builds tiny random-weight SigLIP, SigLIP2, Chinese-CLIP, BERT-classifier and ViT-classifier checkpoints offline,
+for tests only.
 
 The weights are random placeholders: they exercise the real transformers loading, tokenizer and
 image-processor code, and judge nothing (random weights even collapse distinct images together).
@@ -126,7 +127,6 @@ def build_tiny_text_classifier(directory: str | Path, labels: tuple[str, ...] = 
 
     ``bias`` is added to the head's bias per label, so a test can make one label win for every text.
     """
-    import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     root = _fresh(directory)
@@ -136,13 +136,39 @@ def build_tiny_text_classifier(directory: str | Path, labels: tuple[str, ...] = 
         problem_type="multi_label_classification" if multi_label else "single_label_classification", **_tower(),
     )
     _save_model(BertForSequenceClassification, config, root)
-    if bias:
-        model = BertForSequenceClassification.from_pretrained(root)
-        with torch.no_grad():
-            for label, value in bias.items():
-                model.classifier.bias[labels.index(label)] += value
-        model.save_pretrained(root)
+    _bias_head(BertForSequenceClassification, root, labels, bias)
     return root
+
+
+def build_tiny_image_classifier(directory: str | Path, labels: tuple[str, ...] = ("normal", "nsfw"),
+                                bias: dict[str, float] | None = None) -> Path:
+    """A tiny ``ViTForImageClassification`` with its ``ViTImageProcessor`` (PIL, 32 px); random weights, judge nothing.
+
+    ``bias`` is added to the head's bias per label, so a test can make one label win for every image.
+    """
+    from transformers import ViTConfig, ViTForImageClassification
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    root = _fresh(directory)
+    config = ViTConfig(image_size=32, patch_size=16, id2label=dict(enumerate(labels)),
+                       label2id={label: i for i, label in enumerate(labels)}, **_tower())
+    _save_model(ViTForImageClassification, config, root)
+    _bias_head(ViTForImageClassification, root, labels, bias)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root)
+    return root
+
+
+def _bias_head(model_class, root: Path, labels: tuple[str, ...], bias: dict[str, float] | None) -> None:
+    """Adds ``bias`` to the saved classifier head's bias, per label."""
+    import torch
+
+    if not bias:
+        return
+    model = model_class.from_pretrained(root)
+    with torch.no_grad():
+        for label, value in bias.items():
+            model.classifier.bias[labels.index(label)] += value
+    model.save_pretrained(root)
 
 
 def _bert_tokenizer(root: Path) -> int:
