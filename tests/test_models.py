@@ -36,6 +36,7 @@ from tasks.models import (
     count_unknown_tokens,
     load_image_classifier,
     load_model,
+    model_revision,
     resolve_model,
 )
 from tasks.models import resolve as resolve_module
@@ -248,6 +249,7 @@ def test_tiny_checkpoint_loads_and_embeds_normalised_float32(tiny, kind):
     assert isinstance(model, EmbeddingModel)
     assert model.identity["placeholder"] is False and model.identity["dim"] == model.dim
     assert model.identity["revision"].startswith("sha256:")
+    assert model.identity["revision"] == model_revision(resolved)  # known before loading, for resume markers
     assert model.embed_images([]).shape == (0, model.dim)
     # Loaded once per (name, device): a second call reuses the weights.
     assert load_model(resolved, device="cpu")._loaded is model._loaded
@@ -347,7 +349,7 @@ def test_a_hub_model_from_the_cache_reports_its_commit(tmp_path, monkeypatch, of
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     resolved = resolve_model("embed", "danqing-tests/tiny-siglip")
     assert (resolved.source, resolved.placeholder) == ("hub", False)
-    assert load_model(resolved, device="cpu").identity["revision"] == commit
+    assert load_model(resolved, device="cpu").identity["revision"] == commit == model_revision(resolved)
 
 
 # --- the NSFW image classifier --------------------------------------------------------------------------------
@@ -359,6 +361,7 @@ def test_tiny_image_classifier_loads_once_and_gives_float32_probabilities(tiny):
     classifier = load_image_classifier(resolved, device="cpu")
     assert isinstance(classifier, ImageClassifier) and classifier.labels == ("normal", "nsfw")
     assert classifier.identity["revision"].startswith("sha256:")
+    assert classifier.identity["revision"] == model_revision(resolved)
     classifier.batch_size = 2  # 3 images in batches of 2: the batching path runs
     probabilities = classifier.probabilities(synthetic_images())
     assert probabilities.shape == (3, 2) and probabilities.dtype == np.float32
@@ -416,6 +419,7 @@ def test_placeholder_by_name_and_roles_without_default():
     resolved = resolve_model("embed", PLACEHOLDER)
     assert (resolved.placeholder, resolved.source, resolved.warning) == (True, "placeholder", None)
     assert isinstance(load_model(resolved), PlaceholderModel)
+    assert model_revision(resolved) == PlaceholderModel().identity["revision"]
     assert DEFAULT_MODELS["nsfw_image"] is None
     no_default = resolve_model("nsfw_image", None)
     assert no_default.placeholder and "no default" in no_default.warning

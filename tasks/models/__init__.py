@@ -10,7 +10,7 @@ from tasks.models.classify import (
     load_text_classifier,
 )
 from tasks.models.embedding import EmbeddingModel
-from tasks.models.load import TransformersModel, count_unknown_tokens, load_model
+from tasks.models.load import TransformersModel, count_unknown_tokens, load_model, model_revision
 from tasks.models.placeholder import PLACEHOLDER, PlaceholderModel
 from tasks.models.resolve import DEFAULT_MODELS, ROLES, ModelLoadError, ResolvedModel, resolve_model
 
@@ -32,5 +32,6 @@ __all__ = [
     "load_image_classifier",
     "load_model",
     "load_text_classifier",
+    "model_revision",
     "resolve_model",
 ]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.models.embedding import EmbeddingModel, l2_normalise, to_rgb
-from tasks.models.placeholder import PlaceholderModel, placeholder_unknown_tokens
+from tasks.models.placeholder import PLACEHOLDER_REVISION, PlaceholderModel, placeholder_unknown_tokens
 from tasks.models.resolve import (
     MODELSCOPE_PREFIX,
     ModelLoadError,
@@ -263,6 +263,15 @@ def _embedding_dim(config) -> int:
     if projection:
         return int(projection)
     return int(config.vision_config.hidden_size)  # SigLIP heads keep the hidden size
+
+
+def model_revision(resolved: ResolvedModel) -> str | None:
+    """``resolved``'s revision without loading its weights (the value ``identity["revision"]`` will have), so a
+    resume marker can name it before any work: a re-run with other files at the same path is not a no-op."""
+    if resolved.placeholder:
+        return PLACEHOLDER_REVISION
+    where, local_only = location(resolved)
+    return revision(where, resolved.source, local_only)
 
 
 def revision(where: str, source: str, local_only: bool) -> str | None:
