@@ -1,4 +1,5 @@
-"""Tests for tasks.models: the placeholder's dedup behaviour, tiny real-architecture checkpoints, resolution errors."""
+"""Tests for tasks.models: the placeholder's dedup behaviour, tiny real-architecture checkpoints (embedding models
+and the NSFW image classifier), revisions, resolution errors."""
 
 import io
 import itertools
@@ -14,19 +15,32 @@ import numpy as np
 import pytest
 import tiny_models
 from PIL import Image, ImageEnhance
-from tiny_models import UNSEEN_CHAR, build_tiny_chinese_clip, build_tiny_siglip, build_tiny_siglip2
+from tiny_models import (
+    UNSEEN_CHAR,
+    build_tiny_chinese_clip,
+    build_tiny_image_classifier,
+    build_tiny_siglip,
+    build_tiny_siglip2,
+    build_tiny_text_classifier,
+)
 
 from tasks.models import (
     DEFAULT_MODELS,
+    NSFW_IMAGE_LABELS,
     PLACEHOLDER,
     EmbeddingModel,
+    ImageClassifier,
     ModelLoadError,
     PlaceholderModel,
+    check_image_classifier,
     count_unknown_tokens,
+    load_image_classifier,
     load_model,
+    model_revision,
     resolve_model,
 )
 from tasks.models import resolve as resolve_module
+from tasks.models.embedding import l2_normalise
 
 FIXTURE_IMAGES = Path(__file__).resolve().parents[2] / "shared/fixtures/images"
 DUPLICATE_DISTANCE = 0.1  # the paper's dedup link threshold (cosine distance)
@@ -156,6 +170,22 @@ def test_placeholder_flat_images_get_a_fixed_unit_vector_not_nan():
     np.testing.assert_allclose(cosine_distance(flat, textured), 1.0, atol=1e-5)
 
 
+def test_l2_normalise_gives_nan_for_a_degenerate_row_unless_a_fallback_is_given():
+    rows = np.array([[3.0, 4.0], [0.0, 0.0], [np.nan, 1.0], [np.inf, 1.0]])
+    out = l2_normalise(rows)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[0], [0.6, 0.8])
+    assert np.isnan(out[1:]).all()
+    fallback = np.array([1.0, 0.0])
+    with_fallback = l2_normalise(rows, fallback)
+    np.testing.assert_allclose(with_fallback[1], fallback)  # only a zero row has a fallback: NaN/inf stay NaN
+    assert np.isnan(with_fallback[2:]).all()
+
+
+def test_placeholder_never_truncates_texts():
+    assert PlaceholderModel().text_truncated(["猫" * 10_000, ""]).tolist() == [False, False]
+
+
 def test_placeholder_texts_sharing_characters_are_closer_than_unrelated_ones():
     vectors = PlaceholderModel().embed_texts(["一只猫坐在桌子上", "一只猫坐在椅子上", "红色的汽车停在街道"])
     similar, unrelated = cosine_distance(vectors[:1], vectors[1:])[0]
@@ -195,6 +225,11 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         "siglip2-fixres": lambda root: build_tiny_siglip2(root, fixres=True),
         "siglip": build_tiny_siglip,
         "chinese_clip": build_tiny_chinese_clip,
+        "nsfw": build_tiny_image_classifier,
+        "nsfw_gantman": lambda root: build_tiny_image_classifier(
+            root, labels=("drawings", "hentai", "neutral", "porn", "sexy"), bias={"porn": 5.0}
+        ),
+        "text_classifier": build_tiny_text_classifier,
     }
     return {name: build(tmp_path_factory.mktemp(name)) for name, build in builders.items()}
 
@@ -214,9 +249,44 @@ def test_tiny_checkpoint_loads_and_embeds_normalised_float32(tiny, kind):
     assert isinstance(model, EmbeddingModel)
     assert model.identity["placeholder"] is False and model.identity["dim"] == model.dim
     assert model.identity["revision"].startswith("sha256:")
+    assert model.identity["revision"] == model_revision(resolved)  # known before loading, for resume markers
     assert model.embed_images([]).shape == (0, model.dim)
     # Loaded once per (name, device): a second call reuses the weights.
     assert load_model(resolved, device="cpu")._loaded is model._loaded
+
+
+@pytest.mark.parametrize(("kind", "context"), [("siglip2", 16), ("siglip2-fixres", 16), ("siglip", 16),
+                                             ("chinese_clip", 52)])  # text positions (Chinese-CLIP: its 52)
+def test_text_truncated_says_which_texts_exceed_the_text_context(tiny, kind, context):
+    model = load_model(resolve_model("embed", str(tiny[kind])), device="cpu")
+    texts = ["猫" * n for n in range(1, 3 * context)]
+    truncated = model.text_truncated(texts)
+    assert truncated.dtype == bool and truncated.shape == (len(texts),)
+    # Monotone in the length: short texts fit, long ones do not (the switch depends on the tokenizer's merges).
+    first = int(np.argmax(truncated))
+    assert 0 < first and not truncated[:first].any() and truncated[first:].all()
+    # A truncated text embeds like a longer version of it (only its start was seen); a short one does not.
+    for i, same in ((first, True), (first // 2, False)):
+        pair = model.embed_texts([texts[i], texts[i] + "狗" * context])
+        assert np.allclose(pair[0], pair[1], atol=1e-5) == same, (i, same)
+    assert model.text_truncated([]).shape == (0,)
+
+
+def test_a_zero_output_of_the_model_is_nan_not_a_substitute(tiny, monkeypatch):
+    import torch
+
+    model = load_model(resolve_model("embed", str(tiny["siglip"])), device="cpu")
+    real = model._loaded.model.get_image_features
+
+    def zero_second_row(pixel_values):
+        features = real(pixel_values=pixel_values)
+        features = features if torch.is_tensor(features) else features.pooler_output
+        features[1:2] = 0.0
+        return features
+
+    monkeypatch.setattr(model._loaded.model, "get_image_features", zero_second_row)
+    vectors = model.embed_images(synthetic_images())
+    assert np.isfinite(vectors[[0, 2]]).all() and np.isnan(vectors[1]).all()
 
 
 @pytest.mark.parametrize("kind", ["siglip2", "siglip2-fixres"])
@@ -252,6 +322,96 @@ def test_tiny_builders_work_without_the_caption_fixture(monkeypatch, tmp_path):
         assert count_unknown_tokens(resolved, ["一七", UNSEEN_CHAR]) == [0, 1]
 
 
+def test_local_revision_follows_the_settings_files(tmp_path):
+    import shutil
+
+    from tasks.models.load import revision
+
+    root = build_tiny_siglip(tmp_path / "a")
+    before = revision(str(root), "local", True)
+    assert before.startswith("sha256:")
+    assert before == revision(str(shutil.copytree(root, tmp_path / "b")), "local", True)  # not the path
+    config = root / "preprocessor_config.json"
+    config.write_text(config.read_text().replace('"height": 32', '"height": 64'))  # same size, other setting
+    assert revision(str(root), "local", True) != before
+
+
+def test_a_hub_model_from_the_cache_reports_its_commit(tmp_path, monkeypatch, offline):
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--danqing-tests--tiny-siglip"
+    shutil.copytree(build_tiny_siglip(tmp_path / "tiny"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    resolved = resolve_model("embed", "danqing-tests/tiny-siglip")
+    assert (resolved.source, resolved.placeholder) == ("hub", False)
+    assert load_model(resolved, device="cpu").identity["revision"] == commit == model_revision(resolved)
+
+
+# --- the NSFW image classifier --------------------------------------------------------------------------------
+
+
+def test_tiny_image_classifier_loads_once_and_gives_float32_probabilities(tiny):
+    resolved = resolve_model("nsfw_image", str(tiny["nsfw"]))
+    assert (resolved.source, resolved.placeholder) == ("local", False)
+    classifier = load_image_classifier(resolved, device="cpu")
+    assert isinstance(classifier, ImageClassifier) and classifier.labels == ("normal", "nsfw")
+    assert classifier.identity["revision"].startswith("sha256:")
+    assert classifier.identity["revision"] == model_revision(resolved)
+    classifier.batch_size = 2  # 3 images in batches of 2: the batching path runs
+    probabilities = classifier.probabilities(synthetic_images())
+    assert probabilities.shape == (3, 2) and probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    score, top = classifier.unsafe(synthetic_images(), ["NSFW"])
+    assert score.dtype == np.float32 and top.dtype == bool
+    np.testing.assert_allclose(score, probabilities[:, 1])
+    assert top.tolist() == (probabilities[:, 1] > probabilities[:, 0]).tolist()
+    assert classifier.unsafe([], NSFW_IMAGE_LABELS)[0].shape == (0,)
+    assert load_image_classifier(resolved, device="cpu") is classifier
+
+
+def test_unsafe_means_the_top_label_is_a_highest_risk_one(tiny):
+    classifier = load_image_classifier(resolve_model("nsfw_image", str(tiny["nsfw_gantman"])), device="cpu")
+    score, top = classifier.unsafe(synthetic_images(), NSFW_IMAGE_LABELS)  # porn wins, hentai is also unsafe
+    assert top.all() and (score > 0.9).all()
+    score, top = classifier.unsafe(synthetic_images(), ["hentai"])  # porn wins, but porn is not configured
+    assert not top.any() and (score < 0.1).all()
+
+
+def test_check_image_classifier_refuses_before_any_work(tiny):
+    check_image_classifier(resolve_model("nsfw_image", str(tiny["nsfw"])), NSFW_IMAGE_LABELS)
+    with pytest.raises(ValueError, match="image.nsfw_labels"):
+        check_image_classifier(resolve_model("nsfw_image", str(tiny["nsfw_gantman"])), ["nsfw", "explicit"])
+    for kind in ("siglip", "text_classifier"):  # a dual encoder, a text classifier
+        with pytest.raises(ModelLoadError, match="not an image classifier"):
+            check_image_classifier(resolve_model("nsfw_image", str(tiny[kind])), NSFW_IMAGE_LABELS)
+    with pytest.raises(ValueError, match="no placeholder"):
+        load_image_classifier(resolve_model("nsfw_image", None))
+
+
+def test_a_named_nsfw_image_model_that_cannot_load_is_a_clear_error(offline):
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="danqing-tests/no-such-nsfw-model") as error:
+        resolve_model("nsfw_image", "danqing-tests/no-such-nsfw-model")
+    assert time.monotonic() - started < QUICK_S
+    assert "HF_ENDPOINT" in str(error.value) and "modelscope" in str(error.value)
+    with pytest.raises(ModelLoadError, match="/no/such/classifier"):
+        resolve_model("nsfw_image", "/no/such/classifier")
+
+
+def test_nsfw_image_classifier_through_modelscope(monkeypatch, tiny):
+    fake = types.ModuleType("modelscope")
+    fake.snapshot_download = lambda model_id: str(tiny["nsfw"])
+    monkeypatch.setitem(sys.modules, "modelscope", fake)
+    resolved = resolve_model("nsfw_image", "modelscope:iic/tiny-nsfw")
+    check_image_classifier(resolved, ["nsfw"])
+    assert load_image_classifier(resolved, device="cpu").unsafe(synthetic_images()[:1], ["nsfw"])[0].shape == (1,)
+
+
 # --- resolution ----------------------------------------------------------------------------------
 
 
@@ -259,6 +419,7 @@ def test_placeholder_by_name_and_roles_without_default():
     resolved = resolve_model("embed", PLACEHOLDER)
     assert (resolved.placeholder, resolved.source, resolved.warning) == (True, "placeholder", None)
     assert isinstance(load_model(resolved), PlaceholderModel)
+    assert model_revision(resolved) == PlaceholderModel().identity["revision"]
     assert DEFAULT_MODELS["nsfw_image"] is None
     no_default = resolve_model("nsfw_image", None)
     assert no_default.placeholder and "no default" in no_default.warning

@@ -1,4 +1,5 @@
-"""Builds tiny random-weight SigLIP, SigLIP2, Chinese-CLIP and BERT-classifier checkpoints offline, for tests only.
+"""Builds tiny random-weight SigLIP, SigLIP2, Chinese-CLIP, BERT-classifier and ViT-classifier checkpoints offline,
+for tests (and one base-size SigLIP2 for the embed benchmark).
 
 The weights are random placeholders: they exercise the real transformers loading, tokenizer and
 image-processor code, and judge nothing (random weights even collapse distinct images together).
@@ -19,6 +20,8 @@ ENGLISH = ["a photo of a cat", "a dog on the grass", "two people riding bikes", 
 UNSEEN_CHAR = "龘"  # kept out of every tiny vocabulary so tests can count a known unknown token
 HIDDEN = 32  # tiny towers: 2 layers, 2 heads, hidden 32
 SEED = 0
+# google/siglip2-base-patch16-256's towers (both): what a benchmark needs to cost what the default model costs.
+BASE_TOWER = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
 
 
 def build_tiny_siglip2(directory: str | Path, *, fixres: bool = False) -> Path:
@@ -31,9 +34,40 @@ def build_tiny_siglip2(directory: str | Path, *, fixres: bool = False) -> Path:
     ``siglip`` (``SiglipModel``, ``SiglipImageProcessor``) with the same Gemma tokenizer, which
     transformers then loads as a plain ``GemmaTokenizer``.
     """
+    root = _fresh(directory)
+    vocab_size, ids = _gemma_tokenizer(root)
+    if fixres:
+        _save_siglip(root, vocab_size, ids)
+        return root
+
+    from transformers import Siglip2Config, Siglip2Model, Siglip2TextConfig, Siglip2VisionConfig
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+    config = Siglip2Config(
+        text_config=Siglip2TextConfig(vocab_size=vocab_size, max_position_embeddings=16, **ids, **_tower()),
+        vision_config=Siglip2VisionConfig(num_patches=16, patch_size=16, **_tower()),
+    )
+    _save_model(Siglip2Model, config, root)
+    Siglip2ImageProcessorPil(max_num_patches=16, patch_size=16).save_pretrained(root)
+    return root
+
+
+def build_siglip2_base_fixres(directory: str | Path) -> Path:
+    """A base-size SigLIP2 in the FixRes layout of ``google/siglip2-base-patch16-256`` (model type ``siglip``;
+    towers of hidden 768, 12 layers, 12 heads; 16 px patches of 256 px images; 64 text positions) with RANDOM
+    weights, for benchmarks: it computes what the real model computes and judges nothing. Its vocabulary is the
+    tiny Gemma-style tokenizer's (2,000 pieces, not 256,000): the embedding table's size costs memory, not time.
+    """
+    root = _fresh(directory)
+    vocab_size, ids = _gemma_tokenizer(root)
+    _save_siglip(root, vocab_size, ids, tower=BASE_TOWER, image_size=256, positions=64)
+    return root
+
+
+def _gemma_tokenizer(root: Path) -> tuple[int, dict]:
+    """A Gemma-style sentencepiece tokenizer saved in ``root`` as ``GemmaTokenizer``; its size and special ids."""
     from transformers import GemmaTokenizer
 
-    root = _fresh(directory)
     with tempfile.TemporaryDirectory() as scratch:
         (Path(scratch) / "tokenizer.model").write_bytes(
             _sentencepiece(
@@ -55,20 +89,7 @@ def build_tiny_siglip2(directory: str | Path, *, fixres: bool = False) -> Path:
     tokenizer.save_pretrained(root)
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
     ids["eos_token_id"] = tokenizer.eos_token_id
-    if fixres:
-        _save_siglip(root, len(tokenizer), ids)
-        return root
-
-    from transformers import Siglip2Config, Siglip2Model, Siglip2TextConfig, Siglip2VisionConfig
-    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
-
-    config = Siglip2Config(
-        text_config=Siglip2TextConfig(vocab_size=len(tokenizer), max_position_embeddings=16, **ids, **_tower()),
-        vision_config=Siglip2VisionConfig(num_patches=16, patch_size=16, **_tower()),
-    )
-    _save_model(Siglip2Model, config, root)
-    Siglip2ImageProcessorPil(max_num_patches=16, patch_size=16).save_pretrained(root)
-    return root
+    return len(tokenizer), ids
 
 
 def build_tiny_siglip(directory: str | Path) -> Path:
@@ -126,7 +147,6 @@ def build_tiny_text_classifier(directory: str | Path, labels: tuple[str, ...] = 
 
     ``bias`` is added to the head's bias per label, so a test can make one label win for every text.
     """
-    import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     root = _fresh(directory)
@@ -136,13 +156,39 @@ def build_tiny_text_classifier(directory: str | Path, labels: tuple[str, ...] = 
         problem_type="multi_label_classification" if multi_label else "single_label_classification", **_tower(),
     )
     _save_model(BertForSequenceClassification, config, root)
-    if bias:
-        model = BertForSequenceClassification.from_pretrained(root)
-        with torch.no_grad():
-            for label, value in bias.items():
-                model.classifier.bias[labels.index(label)] += value
-        model.save_pretrained(root)
+    _bias_head(BertForSequenceClassification, root, labels, bias)
     return root
+
+
+def build_tiny_image_classifier(directory: str | Path, labels: tuple[str, ...] = ("normal", "nsfw"),
+                                bias: dict[str, float] | None = None) -> Path:
+    """A tiny ``ViTForImageClassification`` with its ``ViTImageProcessor`` (PIL, 32 px); random weights, judge nothing.
+
+    ``bias`` is added to the head's bias per label, so a test can make one label win for every image.
+    """
+    from transformers import ViTConfig, ViTForImageClassification
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    root = _fresh(directory)
+    config = ViTConfig(image_size=32, patch_size=16, id2label=dict(enumerate(labels)),
+                       label2id={label: i for i, label in enumerate(labels)}, **_tower())
+    _save_model(ViTForImageClassification, config, root)
+    _bias_head(ViTForImageClassification, root, labels, bias)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root)
+    return root
+
+
+def _bias_head(model_class, root: Path, labels: tuple[str, ...], bias: dict[str, float] | None) -> None:
+    """Adds ``bias`` to the saved classifier head's bias, per label."""
+    import torch
+
+    if not bias:
+        return
+    model = model_class.from_pretrained(root)
+    with torch.no_grad():
+        for label, value in bias.items():
+            model.classifier.bias[labels.index(label)] += value
+    model.save_pretrained(root)
 
 
 def _bert_tokenizer(root: Path) -> int:
@@ -160,16 +206,18 @@ def _bert_tokenizer(root: Path) -> int:
     return len(vocab)
 
 
-def _save_siglip(root: Path, vocab_size: int, ids: dict) -> None:
+def _save_siglip(root: Path, vocab_size: int, ids: dict, tower: dict | None = None, image_size: int = 32,
+                 positions: int = 16) -> None:
     from transformers import SiglipConfig, SiglipModel, SiglipTextConfig, SiglipVisionConfig
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+    tower = tower or _tower()
     config = SiglipConfig(
-        text_config=SiglipTextConfig(vocab_size=vocab_size, max_position_embeddings=16, **ids, **_tower()),
-        vision_config=SiglipVisionConfig(image_size=32, patch_size=16, **_tower()),
+        text_config=SiglipTextConfig(vocab_size=vocab_size, max_position_embeddings=positions, **ids, **tower),
+        vision_config=SiglipVisionConfig(image_size=image_size, patch_size=16, **tower),
     )
     _save_model(SiglipModel, config, root)
-    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root)
+    SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(root)
 
 
 def _tower() -> dict:

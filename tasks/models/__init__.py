@@ -1,24 +1,37 @@
 """Model roles: resolving names (hub, mirror, ModelScope, local), loading them, and the offline placeholder."""
 
-from tasks.models.classify import TextClassifier, check_text_classifier, load_text_classifier
+from tasks.models.classify import (
+    NSFW_IMAGE_LABELS,
+    ImageClassifier,
+    TextClassifier,
+    check_image_classifier,
+    check_text_classifier,
+    load_image_classifier,
+    load_text_classifier,
+)
 from tasks.models.embedding import EmbeddingModel
-from tasks.models.load import TransformersModel, count_unknown_tokens, load_model
+from tasks.models.load import TransformersModel, count_unknown_tokens, load_model, model_revision
 from tasks.models.placeholder import PLACEHOLDER, PlaceholderModel
 from tasks.models.resolve import DEFAULT_MODELS, ROLES, ModelLoadError, ResolvedModel, resolve_model
 
 __all__ = [
     "DEFAULT_MODELS",
+    "NSFW_IMAGE_LABELS",
     "PLACEHOLDER",
     "ROLES",
     "EmbeddingModel",
+    "ImageClassifier",
     "ModelLoadError",
     "PlaceholderModel",
     "ResolvedModel",
     "TextClassifier",
     "TransformersModel",
+    "check_image_classifier",
     "check_text_classifier",
     "count_unknown_tokens",
+    "load_image_classifier",
     "load_model",
     "load_text_classifier",
+    "model_revision",
     "resolve_model",
 ]

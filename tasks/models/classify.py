@@ -1,18 +1,28 @@
-"""The optional text-safety classifier: a transformers sequence-classification model, loaded once per process."""
+"""The safety classifiers: text (sequence classification) and image (image classification) models, loaded once
+per process."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.models.load import _LOCK, _default_device, _location
+from tasks.models.embedding import to_rgb
+from tasks.models.load import _LOCK, default_device, location, model_dtype, revision, to_device
 from tasks.models.resolve import ModelLoadError, ResolvedModel
 
-MAX_TOKENS = 256  # captions are short (60 jieba words is ~120 characters); longer alt texts are truncated
+if TYPE_CHECKING:
+    from PIL import Image
 
-_CLASSIFIERS: dict[tuple[str, str], TextClassifier] = {}
+MAX_TOKENS = 256  # captions are short (60 jieba words is ~120 characters); longer alt texts are truncated
+# Highest-risk class names of public NSFW image classifiers (e.g. "nsfw" of a 2-class normal/nsfw ViT; "porn"
+# and "hentai" of the 5-class drawings/hentai/neutral/porn/sexy models), matched in any case.
+NSFW_IMAGE_LABELS = ("nsfw", "porn", "hentai", "explicit", "sexual")
+TEXT_LABELS_SETTING = "source.text_nsfw_labels"
+IMAGE_LABELS_SETTING = "image.nsfw_labels"
+
+_CLASSIFIERS: dict[tuple[str, str, str], Any] = {}  # (kind, name, device) -> classifier
 
 
 class TextClassifier:
@@ -25,21 +35,14 @@ class TextClassifier:
         self.name = name
         self.batch_size = batch_size  # texts per forward pass
         config = model.config
-        self.labels: tuple[str, ...] = tuple(str(config.id2label[i]) for i in range(config.num_labels))
+        self.labels = _labels(config)
         self._multi_label = config.problem_type == "multi_label_classification"
         limits = [MAX_TOKENS, tokenizer.model_max_length, getattr(config, "max_position_embeddings", None)]
         self._max_length = min(int(v) for v in limits if v)
 
     def label_ids(self, unsafe: Sequence[str]) -> list[int]:
         """Indices of the ``unsafe`` labels (case-insensitive); naming none of the model's labels is an error."""
-        wanted = {u.lower() for u in unsafe}
-        ids = [i for i, label in enumerate(self.labels) if label.lower() in wanted]
-        if not ids:
-            raise ValueError(
-                f"text classifier {self.name!r} has labels {list(self.labels)}; the unsafe labels configured "
-                f"({list(unsafe)}) name none of them: set source.text_nsfw_labels"
-            )
-        return ids
+        return _label_ids("text", self.name, self.labels, unsafe, TEXT_LABELS_SETTING)
 
     def unsafe_scores(self, texts: Sequence[str], unsafe: Sequence[str]) -> np.ndarray:
         """Per text, the highest probability among the ``unsafe`` labels."""
@@ -47,53 +50,139 @@ class TextClassifier:
         return self.probabilities(texts)[:, ids].max(axis=1) if len(texts) else np.zeros(0, dtype=np.float32)
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
-        import torch
+        def encode(chunk):
+            return self._tokenizer(list(chunk), return_tensors="pt", padding=True, truncation=True,
+                                   max_length=self._max_length)
 
-        parts = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                inputs = self._tokenizer(list(texts[start : start + self.batch_size]), return_tensors="pt",
-                                         padding=True, truncation=True, max_length=self._max_length)
-                logits = self._model(**{k: v.to(self._device) for k, v in inputs.items()}).logits.float()
-                probs = torch.sigmoid(logits) if self._multi_label else torch.softmax(logits, dim=-1)
-                parts.append(probs.cpu().numpy())
-        return np.concatenate(parts) if parts else np.zeros((0, len(self.labels)), dtype=np.float32)
+        return _probabilities(self._model, list(texts), encode, self.batch_size, self._device, None,
+                              self._multi_label, len(self.labels))
+
+
+class ImageClassifier:
+    """Label probabilities for images, as ``TextClassifier`` does for texts; the unsafe rule is the top label."""
+
+    def __init__(self, model: Any, processor: Any, device: str, dtype: Any, identity: dict,
+                 batch_size: int = 32) -> None:
+        self._model = model
+        self._processor = processor
+        self._device = device
+        self._dtype = dtype
+        self.identity = dict(identity)  # {"name": str, "revision": str | None}
+        self.name = identity["name"]
+        self.batch_size = batch_size  # images per forward pass
+        self.labels = _labels(model.config)
+        self._multi_label = model.config.problem_type == "multi_label_classification"
+
+    def label_ids(self, unsafe: Sequence[str]) -> list[int]:
+        """Indices of the ``unsafe`` labels (case-insensitive); naming none of the model's labels is an error."""
+        return _label_ids("image", self.name, self.labels, unsafe, IMAGE_LABELS_SETTING)
+
+    def unsafe(self, images: Sequence[Image.Image], unsafe: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per image: the highest probability among the ``unsafe`` labels (float32), and whether the model's top
+        label is one of them (the paper's rule: drop the highest-risk class)."""
+        ids = self.label_ids(unsafe)
+        probabilities = self.probabilities(images)
+        if not len(probabilities):
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=bool)
+        return probabilities[:, ids].max(axis=1), np.isin(probabilities.argmax(axis=1), ids)
+
+    def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
+        def encode(chunk):
+            return self._processor(images=[to_rgb(image) for image in chunk], return_tensors="pt")
+
+        return _probabilities(self._model, list(images), encode, self.batch_size, self._device, self._dtype,
+                              self._multi_label, len(self.labels))
 
 
 def load_text_classifier(resolved: ResolvedModel, device: str | None = None) -> TextClassifier:
     """The classifier for ``resolved``, loaded once per process per ``(name, device)``; fp32 on every device, so
     a threshold on its probabilities means the same on a GPU as on a CPU."""
-    if resolved.placeholder:
-        raise ValueError("the text classifier has no placeholder: name a model for the nsfw_text role")
-    device = device or _default_device()
-    key = (resolved.name, device)
-    with _LOCK:
-        if key not in _CLASSIFIERS:
-            _CLASSIFIERS[key] = _load(resolved, device)
-        return _CLASSIFIERS[key]
+    return _cached("text", resolved, device, _load_text)
+
+
+def load_image_classifier(resolved: ResolvedModel, device: str | None = None) -> ImageClassifier:
+    """The classifier for ``resolved``, loaded once per process per ``(name, device)``: fp32 on CPU, half
+    precision on CUDA (its rule is the top label, which half precision rarely moves); probabilities in float32."""
+    return _cached("image", resolved, device, _load_image)
 
 
 def check_text_classifier(resolved: ResolvedModel, unsafe: Sequence[str]) -> None:
     """Before any work, from the config alone: a sequence classifier whose labels include an ``unsafe`` one."""
+    _label_ids("text", resolved.name, _labels(_config(resolved)), unsafe, TEXT_LABELS_SETTING)
+
+
+def check_image_classifier(resolved: ResolvedModel, unsafe: Sequence[str]) -> None:
+    """Before any work, from the config alone: an image-classification model whose labels include an ``unsafe``
+    one (a dual encoder such as SigLIP, or a text classifier, is refused)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    config = _config(resolved)
+    architectures = getattr(config, "architectures", None) or []
+    if config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES or (
+        architectures and not any(a.endswith("ForImageClassification") for a in architectures)
+    ):
+        raise ModelLoadError(
+            f"model {resolved.name!r} (type {config.model_type!r}, architectures {architectures}) is not an image "
+            "classifier: the nsfw_image role needs an image-classification model with NSFW classes"
+        )
+    _label_ids("image", resolved.name, _labels(config), unsafe, IMAGE_LABELS_SETTING)
+
+
+def _probabilities(model, items: list, encode: Callable, batch_size: int, device: str, dtype,
+                   multi_label: bool, n_labels: int) -> np.ndarray:
+    import torch
+
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            inputs = encode(items[start : start + batch_size])
+            inputs = {key: to_device(value, device, dtype or value.dtype) for key, value in inputs.items()}
+            logits = model(**inputs).logits.float()
+            probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
+            parts.append(probs.cpu().numpy())
+    return np.concatenate(parts) if parts else np.zeros((0, n_labels), dtype=np.float32)
+
+
+def _labels(config) -> tuple[str, ...]:
+    return tuple(str(config.id2label[i]) for i in range(config.num_labels))
+
+
+def _label_ids(kind: str, name: str, labels: Sequence[str], unsafe: Sequence[str], setting: str) -> list[int]:
+    wanted = {u.lower() for u in unsafe}
+    ids = [i for i, label in enumerate(labels) if label.lower() in wanted]
+    if not ids:
+        raise ValueError(
+            f"{kind} classifier {name!r} has labels {list(labels)}; the unsafe labels configured "
+            f"({list(unsafe)}) name none of them: set {setting}"
+        )
+    return ids
+
+
+def _config(resolved: ResolvedModel):
     from transformers import AutoConfig
 
-    where, local_only = _location(resolved)
+    where, local_only = location(resolved)
     try:
-        config = AutoConfig.from_pretrained(where, local_files_only=local_only)
+        return AutoConfig.from_pretrained(where, local_files_only=local_only)
     except Exception as error:
         raise ModelLoadError(f"cannot load the config of {resolved.name!r}: {type(error).__name__}: {error}") from error
-    labels = [str(v) for v in (getattr(config, "id2label", None) or {}).values()]
-    if not {label.lower() for label in labels} & {u.lower() for u in unsafe}:
-        raise ValueError(
-            f"text classifier {resolved.name!r} has labels {labels}; the unsafe labels configured "
-            f"({list(unsafe)}) name none of them: set source.text_nsfw_labels"
-        )
 
 
-def _load(resolved: ResolvedModel, device: str) -> TextClassifier:
+def _cached(kind: str, resolved: ResolvedModel, device: str | None, load: Callable):
+    if resolved.placeholder:
+        raise ValueError(f"the {kind} classifier has no placeholder: name a model for the nsfw_{kind} role")
+    device = device or default_device()
+    key = (kind, resolved.name, device)
+    with _LOCK:
+        if key not in _CLASSIFIERS:
+            _CLASSIFIERS[key] = load(resolved, device)
+        return _CLASSIFIERS[key]
+
+
+def _load_text(resolved: ResolvedModel, device: str) -> TextClassifier:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    where, local_only = _location(resolved)
+    where, local_only = location(resolved)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(where, local_files_only=local_only)
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
@@ -102,3 +191,20 @@ def _load(resolved: ResolvedModel, device: str) -> TextClassifier:
             f"cannot load text classifier {resolved.name!r} from {where}: {type(error).__name__}: {error}"
         ) from error
     return TextClassifier(model.to(device).eval(), tokenizer, device, resolved.name)
+
+
+def _load_image(resolved: ResolvedModel, device: str) -> ImageClassifier:
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    where, local_only = location(resolved)
+    dtype = model_dtype(device)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(where, dtype=dtype, local_files_only=local_only)
+        # No torchvision here: the PIL image processor, as for the embedding models.
+        processor = AutoImageProcessor.from_pretrained(where, backend="pil", local_files_only=local_only)
+    except Exception as error:
+        raise ModelLoadError(
+            f"cannot load image classifier {resolved.name!r} from {where}: {type(error).__name__}: {error}"
+        ) from error
+    identity = {"name": resolved.name, "revision": revision(where, resolved.source, local_only)}
+    return ImageClassifier(model.to(device).eval(), processor, device, dtype, identity)

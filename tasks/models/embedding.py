@@ -12,7 +12,11 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class EmbeddingModel(Protocol):
-    """Images and texts in, float32 ``(n, dim)`` rows of unit L2 norm out."""
+    """Images and texts in, float32 ``(n, dim)`` rows of unit L2 norm out.
+
+    A row the model could not embed (its output was zero, NaN or infinite) comes back as NaN, never as a
+    made-up vector, so the caller can drop it with a reason.
+    """
 
     identity: dict  # {"name": str, "revision": str | None, "dim": int, "placeholder": bool}
     dim: int
@@ -20,6 +24,10 @@ class EmbeddingModel(Protocol):
     def embed_images(self, images: list[Image.Image]) -> np.ndarray: ...
 
     def embed_texts(self, texts: list[str]) -> np.ndarray: ...
+
+    def text_truncated(self, texts: list[str]) -> np.ndarray:
+        """Per text, whether it is longer than the model's text context, so ``embed_texts`` saw only its start."""
+        ...
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -39,11 +47,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def l2_normalise(vectors: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm as float32; rows with (near) zero norm become ``fallback`` instead of NaN."""
+def l2_normalise(vectors: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
+    """Rows scaled to unit norm as float32.
+
+    A row of (near) zero norm has no direction: it becomes ``fallback`` when one is given (the placeholder's
+    fixed vector for flat images, a convention), else NaN. A row holding NaN or inf is NaN either way. NaN
+    marks a failed row for the caller rather than hiding a model's failure behind a substitute.
+    """
     vectors = np.asarray(vectors, dtype=np.float64)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    degenerate = norms[:, 0] < 1e-9
+    finite = np.isfinite(vectors).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], vectors, 0.0), axis=1, keepdims=True)
+    flat = finite & (norms[:, 0] < 1e-9)
     out = vectors / np.where(norms < 1e-9, 1.0, norms)
-    out[degenerate] = fallback
+    out[~finite] = np.nan
+    out[flat] = np.nan if fallback is None else fallback
     return out.astype(np.float32)

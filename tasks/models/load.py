@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.models.embedding import EmbeddingModel, l2_normalise, to_rgb
-from tasks.models.placeholder import PlaceholderModel, placeholder_unknown_tokens
+from tasks.models.placeholder import PLACEHOLDER_REVISION, PlaceholderModel, placeholder_unknown_tokens
 from tasks.models.resolve import (
     MODELSCOPE_PREFIX,
     ModelLoadError,
@@ -62,7 +62,6 @@ class TransformersModel:
         self.batch_size = batch_size  # rows per forward pass
         self.identity = dict(loaded.identity)
         self.dim = int(loaded.identity["dim"])
-        self._fallback = np.full(self.dim, 1.0 / np.sqrt(self.dim))
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         loaded = self._loaded
@@ -82,6 +81,14 @@ class TransformersModel:
             self._loaded.model.get_text_features,
         )
 
+    def text_truncated(self, texts: list[str]) -> np.ndarray:
+        text = self._loaded.text
+        if not texts:
+            return np.zeros(0, dtype=bool)
+        # Counted as embed_texts tokenizes (special tokens included), minus the truncation.
+        ids = text.tokenizer(_prepare(list(texts), text), truncation=False, verbose=False)["input_ids"]
+        return np.array([len(row) > text.call_kwargs["max_length"] for row in ids], dtype=bool)
+
     def _batched(self, items: list, encode, forward) -> np.ndarray:
         import torch
 
@@ -92,17 +99,30 @@ class TransformersModel:
         with torch.inference_mode():
             for start in range(0, len(items), self.batch_size):
                 inputs = encode(items[start : start + self.batch_size])
-                inputs = {key: self._to_device(value) for key, value in inputs.items() if key in accepted}
+                inputs = {key: to_device(value, self._loaded.device, self._loaded.dtype)
+                          for key, value in inputs.items() if key in accepted}
                 output = forward(**inputs)
                 # transformers 5 returns an output object here (v4 returned the projected tensor).
                 features = output if torch.is_tensor(output) else output.pooler_output
                 parts.append(features.float().cpu().numpy())
-        return l2_normalise(np.concatenate(parts), self._fallback)
+        # No fallback: a zero or non-finite output (an fp16 overflow, a broken input) is a failed row (NaN).
+        return l2_normalise(np.concatenate(parts))
 
-    def _to_device(self, value):
-        if value.is_floating_point():
-            return value.to(self._loaded.device, dtype=self._loaded.dtype)
-        return value.to(self._loaded.device)
+
+def to_device(value, device: str, dtype):
+    """A model input on ``device``; floating-point inputs (pixels) in the model's ``dtype``, ids untouched."""
+    if value.is_floating_point():
+        return value.to(device, dtype=dtype)
+    return value.to(device)
+
+
+def model_dtype(device: str):
+    """fp32 on CPU; on CUDA bf16 where supported, else fp16."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 def load_model(resolved: ResolvedModel, device: str | None = None, batch_size: int = 32) -> EmbeddingModel:
@@ -113,7 +133,7 @@ def load_model(resolved: ResolvedModel, device: str | None = None, batch_size: i
     """
     if resolved.placeholder:
         return PlaceholderModel()
-    device = device or _default_device()
+    device = device or default_device()
     key = (resolved.name, device)
     with _LOCK:
         loaded = _MODELS.get(key)
@@ -142,13 +162,13 @@ def _prepare(texts: list[str], text: _TextSide) -> list[str]:
     return [t.lower() for t in texts] if text.lowercase else texts
 
 
-def _default_device() -> str:
+def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _location(resolved: ResolvedModel) -> tuple[str, bool]:
+def location(resolved: ResolvedModel) -> tuple[str, bool]:
     """What ``from_pretrained`` gets for ``resolved``, and whether it must stay off the network."""
     if resolved.source == "modelscope":
         return str(modelscope_dir(resolved.name[len(MODELSCOPE_PREFIX) :])), True
@@ -160,13 +180,10 @@ def _location(resolved: ResolvedModel) -> tuple[str, bool]:
 
 
 def _load(resolved: ResolvedModel, device: str) -> _Loaded:
-    import torch
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-    where, local_only = _location(resolved)
-    dtype = torch.float32
-    if device.startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    where, local_only = location(resolved)
+    dtype = model_dtype(device)
     try:
         config = AutoConfig.from_pretrained(where, local_files_only=local_only)
         # transformers 5 takes `dtype`; `torch_dtype` is deprecated.
@@ -187,7 +204,7 @@ def _load(resolved: ResolvedModel, device: str) -> _Loaded:
         dtype=dtype,
         identity={
             "name": resolved.name,
-            "revision": _revision(config, where, resolved.source),
+            "revision": revision(where, resolved.source, local_only),
             "dim": _embedding_dim(config),
             "placeholder": False,
         },
@@ -202,7 +219,7 @@ def _text_side(resolved: ResolvedModel, where: str | None = None, local_only: bo
         from transformers import AutoConfig, AutoTokenizer
 
         if where is None:
-            where, local_only = _location(resolved)
+            where, local_only = location(resolved)
         try:
             config = config or AutoConfig.from_pretrained(where, local_files_only=local_only)
             tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
@@ -248,15 +265,35 @@ def _embedding_dim(config) -> int:
     return int(config.vision_config.hidden_size)  # SigLIP heads keep the hidden size
 
 
-def _revision(config, where: str, source: str) -> str | None:
+def model_revision(resolved: ResolvedModel) -> str | None:
+    """``resolved``'s revision without loading its weights (the value ``identity["revision"]`` will have), so a
+    resume marker can name it before any work: a re-run with other files at the same path is not a no-op."""
+    if resolved.placeholder:
+        return PLACEHOLDER_REVISION
+    where, local_only = location(resolved)
+    return revision(where, resolved.source, local_only)
+
+
+def revision(where: str, source: str, local_only: bool) -> str | None:
+    """What identifies the weights and settings loaded from ``where``: the hub's commit hash, or for a local
+    directory (ModelScope snapshots included) a fingerprint of its files."""
     if source == "hub":
-        return getattr(config, "_commit_hash", None)
-    # A local directory has no commit: fingerprint its config and the names and sizes of its weights
-    # (hashing gigabytes of weights on every start would be too slow).
-    root = Path(where)
-    digest = hashlib.sha256((root / "config.json").read_bytes())
-    for weights in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
-        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        from transformers.utils import cached_file, extract_commit_hash
+
+        # transformers 5 no longer keeps the commit on the config; the cached file's snapshot folder names it.
+        return extract_commit_hash(cached_file(where, "config.json", local_files_only=local_only), None)
+    return _fingerprint(Path(where))
+
+
+def _fingerprint(root: Path) -> str:
+    # The settings files (configs, vocabularies: json and txt) by content, since an edit can keep their size;
+    # every other file (weights, sentencepiece models) by name and size: hashing gigabytes of weights on
+    # every start would be too slow.
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
+        if path.suffix in (".json", ".txt"):
+            digest.update(path.read_bytes())
     return "sha256:" + digest.hexdigest()[:16]
 
 

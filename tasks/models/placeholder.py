@@ -61,6 +61,9 @@ class PlaceholderModel:
             return np.zeros((0, DIM), dtype=np.float32)
         return l2_normalise(np.stack([_hashed_ngrams(text) for text in texts]), _FLAT)
 
+    def text_truncated(self, texts: list[str]) -> np.ndarray:
+        return np.zeros(len(texts), dtype=bool)  # hashed n-grams read the whole text: no context limit
+
 
 def _thumbnail(image: Image.Image) -> np.ndarray:
     from PIL import Image
