@@ -95,10 +95,25 @@ def resolve_models(params: CurateParams) -> dict:
         if not r.placeholder:
             check_text_classifier(r, build_config("source", params.config.get("source")).text_nsfw_labels)
             resolved["nsfw_text"] = (r.name, r.placeholder, r.source)
-    for role, name in params.models.items():  # roles whose rules come later: a bad name still fails now
+    if params.models.get("nsfw_image"):  # image safety runs only with a model the user names (no default)
+        from tasks.models import check_image_classifier
+
+        r = resolve_model("nsfw_image", params.models["nsfw_image"])
+        if not r.placeholder:
+            check_image_classifier(r, build_config("image", params.config.get("image")).nsfw_labels)
+            resolved["nsfw_image"] = (r.name, r.placeholder, r.source)
+    for role, name in params.models.items():  # any other role named: a bad name still fails now
         if role not in resolved and name:
             resolve_model(role, name)
     return resolved
+
+
+def model_revisions(models: dict) -> dict:
+    """role -> the revision of its model (hub commit, or a local directory's fingerprint), read once per run."""
+    from tasks.models import ResolvedModel, model_revision
+
+    return {role: model_revision(ResolvedModel(role, name, placeholder, source, None))
+            for role, (name, placeholder, source) in models.items()}
 
 
 def _progress(enabled: bool):
@@ -151,6 +166,7 @@ def _curate(params: CurateParams, warcs: list[str], progress: bool) -> dict:
         run_dir=str(run_dir), run_id=run_id, lancedb=params.lancedb or str(out / "lancedb"),
         config={**params.config, "cc": config_dict(cc_config(params))}, models=models, fetcher=params.fetcher,
         retry_failed=params.retry_failed, max_failure_fraction=params.max_failure_fraction, snapshot=params.snapshot,
+        revisions=model_revisions(models),
     )
     _write_if_changed(run_dir / "run.json", {"params": params.model_dump(), "models": models, "run_id": run_id})
     log.info("run %s: %d WARC file(s) -> %s", run_id, len(warcs), run_dir)

@@ -41,7 +41,8 @@ class RunContext:
     run_id: str
     lancedb: str
     config: dict = field(default_factory=dict)  # section -> overrides
-    models: dict = field(default_factory=dict)  # role -> (name, placeholder)
+    models: dict = field(default_factory=dict)  # role -> (name, placeholder, source)
+    revisions: dict = field(default_factory=dict)  # role -> the model's revision, read once when the run starts
     fetcher: str = "http"
     retry_failed: bool = False  # fetch again the transient failures recorded in finished fetch shards
     max_failure_fraction: float = 0.01
@@ -433,8 +434,16 @@ def embed(ctx: RunContext, shard: str, upstream: dict) -> dict:
                  "captions_truncated": int(scored["caption_truncated"].sum())}
         return scored, extra, {VECTORS: vectors}
 
-    inputs = [upstream["hash"], ctx.models["embed"], ctx.models["align"], ctx.models.get("nsfw_image")]
+    inputs = [upstream["hash"], *(_model_key(ctx, role) for role in ("embed", "align", "nsfw_image"))]
     return run_shard_step(ctx, "embed", shard, inputs, compute, {**config_dict(cfg), "nsfw_labels": labels})
+
+
+def _model_key(ctx: RunContext, role: str):
+    """What identifies a role's model in a resume hash: its name and, for real models, its revision, so new
+    weights under the same name recompute the model steps."""
+    if role not in ctx.models:
+        return None
+    return [*ctx.models[role], ctx.revisions.get(role)]
 
 
 VECTORS = ".vectors.parquet"  # the embed step's key -> image vector file of its kept rows

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from tasks.models.classify import NSFW_IMAGE_LABELS
+
 STAGE = "image"
 # the quality rules (filter_images), then the embed step's failures and the diversification rules
 RULES = ("geometry", "low_texture", "blur", "low_entropy", "embed_error", "duplicate", "nsfw")
-NSFW_LABELS = ("nsfw", "porn", "hentai", "explicit", "sexual", "unsafe")
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class ImageConfig:
     min_gray_entropy: float = 3.0  # paper: 256-bin greyscale histogram entropy < 3 bits
     # image safety: the nsfw_image model's highest-risk class names (case-insensitive); an image whose top class
     # is one of them is dropped. The paper's 4-class EVA02 model is unpublished: match your model's labels.
-    nsfw_labels: tuple[str, ...] = NSFW_LABELS
+    nsfw_labels: tuple[str, ...] = NSFW_IMAGE_LABELS
 
 
 def filter_images(frame: pd.DataFrame, config: ImageConfig = ImageConfig()) -> pd.DataFrame:

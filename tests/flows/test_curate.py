@@ -7,12 +7,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 from _fixtures import shared_path
 
-from flows.curate import curate
+from flows.curate import curate, resolve_models
 from flows.settings import CurateParams, LocalClusterSpec
 from schemas.contracts import ContractError, row_key
 
@@ -244,10 +245,14 @@ def test_transformers_models_through_the_flow(prefect_server, sample_crawl, tmp_
     stages = {s["stage"]: s for s in report["stages"]}
     assert "placeholder_model" not in stages["image"] and "placeholder_model" not in stages["align"]
     table = lancedb.connect(str(tmp_path / "out" / "lancedb")).open_table(report["lancedb"]["table"])
-    assert table.count_rows() == stages["image"]["kept"]
-    dims = {json.loads(p.read_text())["extra"]["dim"] for p in (Path(result["run_dir"]) / "steps" / "embed").glob(
-        "*.done.json")}
-    assert report["lancedb"]["table"].endswith(f"_{dims.pop()}")
+    # every embedded image is in the table; random weights collapse distinct photos, so dedup drops many
+    assert table.count_rows() == stages["image"]["dedup"]["rows"] > stages["image"]["kept"]
+    identities = {json.dumps(json.loads(p.read_text())["extra"]["identity"], sort_keys=True)
+                  for p in (Path(result["run_dir"]) / "steps" / "embed").glob("*.done.json")}
+    identity = json.loads(identities.pop())
+    assert not identities and report["lancedb"]["table"].endswith(f"_{identity['dim']}")
+    rows = table.to_pandas()
+    assert set(rows["model_revision"]) == {identity["revision"]} and identity["revision"]  # the weights' identity
     with get_client(sync_client=True) as client:  # the run made the `gpu` tag limit
         assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit >= 1
 
@@ -263,3 +268,31 @@ def test_calibrate_a_sample_run(sample_run, sample_crawl, tmp_path, capsys):
     assert {"lid_threshold", "entropy_threshold"} <= set(refine)
     rows = pd.concat([pd.read_parquet(p) for p in (run_dir / "rejects").glob("refine-*.parquet")])
     assert rows["lid_score"].notna().all() and rows["word_entropy"].notna().all()  # scores stored with rejects
+
+
+def test_image_safety_runs_with_a_named_classifier(prefect_server, sample_crawl, tmp_path):
+    """A tiny random-weight ViT classifier whose head is biased to "nsfw" (it judges nothing; it makes the rule's
+    outcome known): every image that survives dedup is dropped as image.nsfw, and the later stages run on nothing."""
+    from tiny_models import build_tiny_image_classifier
+
+    model = build_tiny_image_classifier(tmp_path / "nsfw", bias={"nsfw": 50.0})
+    result = run_sample(tmp_path / "out", SimpleNamespace(warcs=sample_crawl.warcs[:1]),
+                        models={"nsfw_image": str(model)})
+    stages = {s["stage"]: s for s in result["report"]["stages"]}
+    image = stages["image"]
+    assert image["not_run"] == [] and "nsfw_image_model" not in image
+    assert image["dropped"]["image.nsfw"] == image["dedup"]["rows"] - image["dropped"]["image.duplicate"] > 0
+    assert image["kept"] == 0 and stages["crossbatch"]["kept"] == 0 and result["report"]["samples"] == 0
+    rejects = pd.concat([pd.read_parquet(p) for p in (Path(result["run_dir"]) / "rejects").glob("diversify-*")])
+    assert (rejects.loc[rejects["drop_reason"] == "image.nsfw", "nsfw_score"] > 0.99).all()
+    check_report(Path(result["run_dir"]) / "report.json")
+
+
+def test_an_nsfw_labels_setting_naming_none_of_the_models_labels_fails_before_any_work(sample_crawl, tmp_path):
+    from tiny_models import build_tiny_image_classifier
+
+    model = build_tiny_image_classifier(tmp_path / "nsfw")
+    params = CurateParams(warcs=[str(sample_crawl.warcs[0])], out=str(tmp_path / "out"), fetcher="replay",
+                          models={"nsfw_image": str(model)}, config={"image": {"nsfw_labels": ["porn"]}})
+    with pytest.raises(ValueError, match="image.nsfw_labels"):
+        resolve_models(params)
