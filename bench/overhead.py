@@ -92,9 +92,11 @@ def plain(warcs: list[str], out: Path) -> float:
     """The same stage functions in one process, intermediates in memory, the same dataset files written."""
     import pandas as pd
 
-    from tasks import align, embed, extract, fetch, image, refine, source, write
+    import numpy as np
+
+    from tasks import align, crossbatch, dedup, embed, extract, fetch, image, refine, source, write
+    from tasks.io import lance
     from tasks.io import shards as io_shards
-    from tasks.io.lance import upsert_embeddings
     from tasks.io.replay import ReplayFetcher
     from tasks.models import load_model, resolve_model
 
@@ -104,23 +106,39 @@ def plain(warcs: list[str], out: Path) -> float:
     model = load_model(resolve_model("embed", None))
     results = [extract.extract_warc(w) for w in warcs]
     fetcher = ReplayFetcher(pd.concat([r.replay for r in results], ignore_index=True))
-    scored = []
+    uri = str(out / "lancedb")
+    scored, vectors = [], []
     for r in results:
         f = r.candidates[r.candidates["drop_reason"].isna()].drop(columns=["drop_reason"])
         for fn in (source.select_sources, lambda x: fetch.fetch_images(x, fetcher), refine.refine_text,
                    image.filter_images):
             f = fn(f)
             f = f[f["drop_reason"].isna()].drop(columns=["drop_reason"])
-        s, vectors = embed.embed_pairs(f, model, model)
-        upsert_embeddings(str(out / "lancedb"), "placeholder", "plain", "bench", vectors)
-        scored.append(s)
+        s, v = embed.embed_pairs(f, model, model)
+        lance.upsert_embeddings(uri, model.identity, "plain", "bench", v)
+        scored.append(s[s["drop_reason"].isna()])
+        vectors.append(v)
+    allv = pd.concat(vectors, ignore_index=True)
+    groups = dedup.dedup(np.stack(allv["vector"].to_numpy()).astype(np.float32), dedup.DedupConfig())
+    kept = set(allv["key"][groups.keep])
+    scored = [s[s["key"].isin(kept)] for s in scored]
     band = align.choose_band(pd.concat([s["align_cosine"] for s in scored]).to_numpy(), align.AlignConfig(),
                              "placeholder", True)
+    table = lance.open_embeddings(uri, model.identity)
+    written = []
     for i, s in enumerate(scored):
         k = align.apply_band(s, band)
         k = k[k["drop_reason"].isna()]
+        v = allv[allv["key"].isin(k["key"])]
+        found, _ = lance.search_committed(table, np.stack(v["vector"].to_numpy()) if len(v) else np.zeros((0, 1)),
+                                          [r["run_id"] for r in lance.earlier_runs(uri, "plain")])
+        k = crossbatch.mark_crossbatch(k, pd.DataFrame({"key": v["key"].to_numpy()[found[0]], "match_key": found[1],
+                                                        "match_run": found[2], "match_distance": found[3]}))
+        k = k[k["drop_reason"].isna()]
         write.write_webdataset(k, out / f"{i:05d}.tar")
         io_shards.write_parquet(write.metadata(k), out / f"{i:05d}.parquet")
+        written += k["key"].tolist()
+    lance.commit_run(uri, table.name, "plain", "bench", written)
     return time.perf_counter() - start
 
 
