@@ -72,14 +72,22 @@ def test_a_run_killed_between_crossbatch_and_commit_commits_exactly_once(prefect
     assert "runs" not in db.list_tables().tables
 
     monkeypatch.setattr(tasks.io.lance, "commit_run", real)
+    # Another run of the same pages meanwhile: the unfinished run's rows are in LanceDB but never compared against.
+    other = _run(tmp_path, sample_crawl.warcs[:1], "run-other")
+    assert _stages(other)["crossbatch"]["dropped"]["crossbatch.duplicate"] == 0
+    assert _stages(other)["crossbatch"]["search"]["earlier_runs"] == []
     result = _run(tmp_path, sample_crawl.warcs[:1], "run-k")
+    # run-k commits after run-other: its survivors now repeat what run-other committed
+    assert _stages(result)["crossbatch"]["search"]["earlier_runs"] == ["run-other"]
     samples = result["report"]["samples"]
+    assert samples == 0 and _stages(result)["crossbatch"]["kept"] == 0
     again = _run(tmp_path, sample_crawl.warcs[:1], "run-k")  # and a third time: still one commit
     assert again["report"]["samples"] == samples
-    runs = db.open_table("runs").to_pandas()
-    assert runs["run_id"].tolist() == ["run-k"] and runs["rows"].tolist() == [samples]
+    runs = db.open_table("runs").to_pandas().sort_values("seq")
+    assert runs["run_id"].tolist() == ["run-other", "run-k"]
+    assert runs["rows"].tolist() == [other["report"]["samples"], samples]
     table = db.open_table(result["report"]["lancedb"]["table"])
-    assert table.count_rows("committed = true") == samples
+    assert table.count_rows("committed = true") == other["report"]["samples"] + samples
     assert table.count_rows() == table.to_pandas()["row_id"].nunique()
 
 
