@@ -83,7 +83,10 @@ def planted_pairs(vectors: np.ndarray, groups: list[np.ndarray]) -> tuple[np.nda
     if not pi:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
     i, j = np.concatenate(pi), np.concatenate(pj)
-    d = 1.0 - np.einsum("ij,ij->i", vectors[i].astype(np.float64), vectors[j].astype(np.float64))
+    d = np.empty(len(i))
+    for start in range(0, len(i), 65_536):  # in float64, a block at a time: the bench's memory is the vectors'
+        a, b = i[start : start + 65_536], j[start : start + 65_536]
+        d[start : start + len(a)] = 1.0 - np.einsum("ij,ij->i", vectors[a].astype(np.float64), vectors[b])
     return i, j, d
 
 

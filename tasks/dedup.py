@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from schemas.reasons import full_reason
+
+logger = logging.getLogger(__name__)
 
 STAGE = "image"
 REASON = full_reason(STAGE, "duplicate")  # what every dropped member of a group reads
@@ -22,7 +25,7 @@ class DedupConfig:
     threshold: float = 0.1  # cosine distance; pairs strictly closer are linked (SPEC / paper)
     exact_max_rows: int = 20_000  # at or below: exact blocked search; above: IVF search
     partitions: int | None = None  # IVF lists; None = 3 * sqrt(n) (3,000 lists of ~330 rows at 1M rows)
-    nprobe: int = 24  # lists each vector searches, its own included (recall ~0.985 on bench/dedup.py's 1M cone)
+    nprobe: int = 24  # lists each vector searches, its own included (pair recall 0.987 on bench/dedup.py, 1M rows)
     train_rows: int | None = None  # k-means training sample; None = 50 rows a list (fewer lose recall)
     train_iters: int = 4  # k-means rounds; more changed no recall figure on the bench
     block_rows: int = 4096  # rows a side of each matmul block: a block's similarities are at most 64 MiB
@@ -75,8 +78,8 @@ def check_vectors(vectors: np.ndarray, block_rows: int = 16_384) -> np.ndarray:
     return v
 
 
-def _rows(vectors: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Rows `index` as a float32 block (fancy indexing works on a memmap too)."""
+def _rows(vectors: np.ndarray, index: np.ndarray | slice) -> np.ndarray:
+    """Rows `index` as a float32 block: a view for a slice of float32 rows (indexing works on a memmap too)."""
     return np.asarray(vectors[index], dtype=np.float32)
 
 
@@ -110,12 +113,11 @@ def _exact_links(vectors: np.ndarray, config: DedupConfig) -> Iterator[tuple[np.
     """Every pair i < j, block against block over the upper triangle."""
     n, b = len(vectors), config.block_rows
     for qs in _chunks(n, b):
-        xq = _rows(vectors, np.arange(qs.start, qs.stop))
+        xq = _rows(vectors, qs)
         for bs in _chunks(n, b):
             if bs.stop <= qs.start:
                 continue
-            xb = xq if bs == qs else _rows(vectors, np.arange(bs.start, bs.stop))
-            r, c, d = _linked(xq @ xb.T, config.threshold)
+            r, c, d = _linked(xq @ _rows(vectors, bs).T, config.threshold)
             i, j = r + qs.start, c + bs.start
             upper = i < j
             yield i[upper], j[upper], d[upper]
@@ -129,11 +131,13 @@ def find_cross_pairs(
     Costs queries x base x dim: meant for small query sets (a run's survivors against a committed set, recall).
     """
     q, b = check_vectors(queries), check_vectors(base)
+    if len(q) and len(b) and q.shape[1] != b.shape[1]:
+        raise ValueError(f"dedup: queries have {q.shape[1]} dimensions, the base {b.shape[1]}")
     parts = []
     for qs in _chunks(len(q), config.block_rows):
-        xq = _rows(q, np.arange(qs.start, qs.stop))
+        xq = _rows(q, qs)
         for bs in _chunks(len(b), config.block_rows):
-            r, c, d = _linked(xq @ _rows(b, np.arange(bs.start, bs.stop)).T, config.threshold)
+            r, c, d = _linked(xq @ _rows(b, bs).T, config.threshold)
             if r.size:
                 parts.append((r + qs.start, c + bs.start, d))
     i, j, d = _concat(parts)
@@ -226,6 +230,30 @@ def _ivf_index(vectors: np.ndarray, config: DedupConfig) -> np.ndarray:
     return _nearest(vectors, centroids, min(config.nprobe, len(centroids)), config.block_rows, centre)[0]
 
 
+def _buckets(labels: np.ndarray, lists: int, block_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """The rows under each list of `labels` (rows x k), grouped by list, ascending within one; and the bounds.
+
+    A counting sort a block of rows at a time into int32 (4 bytes an entry, no rows x k argsort), so the
+    probe index stays small at 100M rows.
+    """
+    n, k = labels.shape
+    counts = np.zeros(lists, np.int64)
+    for s in _chunks(n, block_rows):
+        counts += np.bincount(labels[s].ravel(), minlength=lists)
+    bounds = np.concatenate(([0], np.cumsum(counts)))
+    cursor = bounds[:-1].copy()
+    out = np.empty(bounds[-1], np.int32 if n < 2**31 else np.int64)
+    for s in _chunks(n, block_rows):
+        flat = labels[s].ravel()
+        order = np.argsort(flat, kind="stable")  # rows ascend within a list, block after block
+        by_list = flat[order]
+        count = np.bincount(flat, minlength=lists)
+        rank = np.arange(len(flat)) - (np.cumsum(count) - count)[by_list]
+        out[cursor[by_list] + rank] = s.start + order // k
+        cursor += count
+    return out, bounds
+
+
 def _ivf_links(
     vectors: np.ndarray, probes: np.ndarray, config: DedupConfig
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -234,14 +262,10 @@ def _ivf_links(
     A pair (q, j) is reachable from two sides: q probing j's list, and j probing q's. When both reach it, only
     the side whose query is the smaller row keeps it, so pairs need no global de-duplication.
     """
-    n, nprobe = probes.shape
     own = probes[:, 0]
-    lists = int(own.max()) + 1
-    members = np.argsort(own, kind="stable")
-    m_bounds = np.concatenate(([0], np.cumsum(np.bincount(own, minlength=lists))))
-    flat = probes.ravel()
-    probers = np.argsort(flat, kind="stable") // nprobe  # rows ascending within each list
-    p_bounds = np.concatenate(([0], np.cumsum(np.bincount(flat, minlength=lists))))
+    lists = int(probes.max()) + 1
+    members, m_bounds = _buckets(probes[:, :1], lists)
+    probers, p_bounds = _buckets(probes, lists)
     b = config.block_rows
     for a in range(lists):
         mem = members[m_bounds[a] : m_bounds[a + 1]]
@@ -422,6 +446,14 @@ def dedup(vectors: np.ndarray, config: DedupConfig = DedupConfig(), keep_links: 
     group_size = np.bincount(parent, minlength=n)[parent].astype(np.int64)
     keep, distance = keepers(v, parent, config.block_rows)
     seconds["keepers"] = time.perf_counter() - t0
+    stats = _stats(parent, group_size, keep, config)
+    if stats["giant_groups"]:  # a logo or placeholder image repeated across sites, or a threshold too loose
+        logger.warning(
+            "dedup: %d groups of %d rows or more, the largest %d rows (group %d)",
+            len(stats["giant_groups"]),
+            config.giant_group,
+            *stats["giant_groups"][0][::-1],
+        )
     links = None
     if keep_links:
         li, lj, ld = _concat(kept)
@@ -433,7 +465,7 @@ def dedup(vectors: np.ndarray, config: DedupConfig = DedupConfig(), keep_links: 
         keep=keep,
         distance_to_mean=distance,
         pairs=pairs,
-        stats=_stats(parent, group_size, keep, config),
+        stats=stats,
         method=method,
         partitions=partitions,
         nprobe=nprobe,
@@ -467,6 +499,6 @@ def pair_recall(
     if not key.size:
         return 1.0
     a, b = key // n, key % n
-    probes = _ivf_index(v, replace(config, exact_max_rows=0))
+    probes = _ivf_index(v, config)
     found = (probes[a] == probes[b, :1]).any(axis=1) | (probes[b] == probes[a, :1]).any(axis=1)
     return float(found.mean())

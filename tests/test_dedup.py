@@ -11,6 +11,7 @@ import pytest
 from tasks.dedup import (
     REASON,
     DedupConfig,
+    _buckets,
     _union,
     dedup,
     find_cross_pairs,
@@ -176,6 +177,22 @@ def test_ivf_finds_the_same_pairs_and_groups_as_exact_search():
     assert pair_recall(v, DedupConfig(), sample_rows=1000) == 1.0
 
 
+def test_ivf_reads_a_memmap_and_buckets_rows_by_list_in_blocks(tmp_path):
+    v, _ = _cone(2500, seed=7)
+    path = tmp_path / "vectors.f32"
+    v.tofile(path)
+    config = DedupConfig(exact_max_rows=0, block_rows=300)
+    mapped = dedup(np.memmap(path, np.float32, "r", shape=v.shape), config)
+    in_memory = dedup(v, config)
+    assert mapped.method == "ivf" and mapped.pairs == in_memory.pairs > 0
+    assert (mapped.group == in_memory.group).all() and (mapped.keep == in_memory.keep).all()
+    labels = np.random.default_rng(0).integers(0, 50, (1000, 3))
+    rows, bounds = _buckets(labels, 53, block_rows=7)
+    want = np.argsort(labels.ravel(), kind="stable") // 3
+    assert rows.dtype == np.int32 and (rows == want).all()
+    assert (np.diff(bounds) == np.bincount(labels.ravel(), minlength=53)).all()
+
+
 def test_pair_recall_is_the_share_of_exact_pairs_the_ivf_search_finds():
     v, _ = _cone(3000, seed=5)
     weak = DedupConfig(exact_max_rows=0, partitions=100, nprobe=1, train_iters=1)
@@ -197,6 +214,8 @@ def test_cross_pairs_are_queries_against_a_base():
     assert np.allclose(d, [0.05, 0.0, 0.0], atol=1e-6)
     qi, bj, _ = find_cross_pairs(queries, base, DedupConfig(threshold=0.2, block_rows=1))
     assert len(qi) == 5
+    with pytest.raises(ValueError, match="dimensions"):
+        find_cross_pairs(queries, _f32(_basis(2, dim=8)))
 
 
 NOT_UNIT = [
@@ -242,10 +261,11 @@ def test_empty_and_single_row_input(rows):
     assert pair_recall(v) == 1.0
 
 
-def test_giant_groups_are_reported_largest_first():
+def test_giant_groups_are_reported_largest_first(caplog):
     e = _basis(4)
     v = _f32([e[1]] * 3 + [e[0]] * 4 + [e[2]] + [e[3]] * 2)
     stats = dedup(v, DedupConfig(giant_group=3)).stats
+    assert "2 groups of 3 rows or more, the largest 4 rows (group 3)" in caplog.text
     assert stats["giant_groups"] == [(3, 4), (0, 3)]
     assert stats["group_size_hist"] == {2: 1, 3: 1, 4: 1} and stats["largest_group"] == 4
 
