@@ -90,9 +90,8 @@ def shards(work: Path, n: int, mb: float) -> list[str]:
 
 def plain(warcs: list[str], out: Path) -> float:
     """The same stage functions in one process, intermediates in memory, the same dataset files written."""
-    import pandas as pd
-
     import numpy as np
+    import pandas as pd
 
     from tasks import align, crossbatch, dedup, embed, extract, fetch, image, refine, source, write
     from tasks.io import lance
