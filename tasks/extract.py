@@ -259,12 +259,23 @@ def is_tracking_pixel(attrs: dict, config: ExtractConfig) -> bool:
     return w is not None and h is not None and w <= config.max_pixel_side and h <= config.max_pixel_side
 
 
-@dataclass
 class _Page:
-    rec: Record
-    body: bytes
-    meta: dict[str, str] | None = None
-    chinese: bool | None = None  # decided by Common Crawl's label (metadata record or index); None: not labelled
+    """An HTML response, its metadata record's fields and Common Crawl's label; the body read when first asked."""
+
+    __slots__ = ("rec", "_body", "meta", "chinese")
+
+    def __init__(self, rec: Record, body: bytes | None = None, meta: dict[str, str] | None = None,
+                 chinese: bool | None = None):
+        self.rec = rec
+        self._body = body  # None: held by the record (Record.hold), read on first use
+        self.meta = meta
+        self.chinese = chinese  # decided by Common Crawl's label (metadata record or index); None: not labelled
+
+    @property
+    def body(self) -> bytes:
+        if self._body is None:
+            self._body = self.rec.read()
+        return self._body
 
     @property
     def has_base(self) -> bool:
@@ -274,8 +285,10 @@ class _Page:
 def _pages(path: str, config: ExtractConfig, stats: dict, replay: list | None, cc=None) -> Iterator[_Page]:
     """HTML pages paired with the metadata record that follows them (when there is one).
 
-    Damaged data part-way (a gzip member that does not inflate) is counted in read_errors and skipped: reading
-    goes on at the next intact record, so one bad member never costs the rest of the file.
+    Common Crawl writes the metadata record (the page's language) after the response, so a page's payload is
+    held (Record.hold: FastWARC keeps it without making a bytes object) until that record says whether it is
+    read at all. Damaged data part-way (a gzip member that does not inflate) is counted in read_errors and
+    skipped: reading goes on at the next intact record, so one bad member never costs the rest of the file.
     """
     pending: _Page | None = None
     image_mimes = config.image_mimes
@@ -293,24 +306,30 @@ def _pages(path: str, config: ExtractConfig, stats: dict, replay: list | None, c
                         yield pending
                         pending = None
                     continue
-                if kind == "warcinfo":
-                    info = parse_metadata(rec.read())
-                    stats.setdefault("snapshot", info.get("ispartof"))
-                    continue
                 if kind != "response":
+                    if kind == "warcinfo":
+                        info = parse_metadata(rec.read())
+                        stats.setdefault("snapshot", info.get("ispartof"))
                     continue
+                status = rec.status
                 if replay is not None:
-                    replay.append((rec.uri, path, rec.offset, rec.status))  # any response may be asked for by URL
+                    replay.append((rec.uri, path, last, status))  # any response may be asked for by URL
                 mime = rec.mime
-                if rec.status != 200 or (mime or "").startswith(image_mimes):
+                if status != 200 or (mime or "").startswith(image_mimes):
                     continue
-                if mime is not None and mime not in HTML_TYPES:
+                if mime is None:  # no Content-Type: sniffed
+                    body = rec.read()
+                    if rec.truncated:
+                        stats["records_truncated"] += 1
+                    if not body.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+                        continue
+                elif mime not in HTML_TYPES:
                     continue
-                body = rec.read()
-                if rec.truncated:
-                    stats["records_truncated"] += 1
-                if mime is None and not body.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
-                    continue
+                else:
+                    body = None
+                    rec.hold()
+                    if rec.truncated:
+                        stats["records_truncated"] += 1
                 if pending is not None:
                     yield pending
                 pending = _Page(rec, body)
