@@ -456,17 +456,27 @@ def extract_selected(path: str, selected: pd.DataFrame, config: ExtractConfig = 
     return ExtractResult(_frame(rows, stats), _replay_frame([]), stats)
 
 
+def _typed(rows: list[tuple], dtypes: dict[str, str]) -> pd.DataFrame:
+    """A frame of `rows` (tuples in the order of `dtypes`) built column by column, each straight into its dtype.
+
+    The same frame as DataFrame.from_records(rows).astype(dtypes) in under half the time: no object frame first.
+    """
+    columns = zip(*rows, strict=True) if rows else [()] * len(dtypes)
+    return pd.DataFrame({name: pd.array(col, dtype=dtype) for (name, dtype), col in zip(dtypes.items(), columns,
+                                                                                       strict=True)})
+
+
 def _frame(rows: list[tuple], stats: dict) -> pd.DataFrame:
     stats["img_elements"] = len(rows)
-    cand = pd.DataFrame.from_records(rows, columns=list(_COLUMNS)) if rows else pd.DataFrame(columns=list(_COLUMNS))
-    return cand.astype(_COLUMNS)
+    return _typed(rows, _COLUMNS)
+
+
+_REPLAY_COLUMNS = {"url": "str", "warc_file": "str", "offset": "int64", "status": "Int64"}
 
 
 def _replay_frame(replay: list[tuple]) -> pd.DataFrame:
-    rep = pd.DataFrame(replay, columns=["url", "warc_file", "offset", "status"])
-    rep = rep.dropna(subset=["url"]).astype({"url": "str", "warc_file": "str", "offset": "int64"})
-    rep["status"] = rep["status"].astype("Int64")
-    return rep
+    rep = _typed(replay, _REPLAY_COLUMNS)
+    return rep.dropna(subset=["url"]) if rep["url"].hasnans else rep
 
 
 _COLUMNS = {
@@ -492,7 +502,8 @@ def _page_candidates(page: _Page, tree: LexborHTMLParser, snapshot: str, path: s
     page_host = _host(page_url)
     offset, date = page.rec.offset, page.rec.date
     seen: set[str] = set()
-    title_as_alt = config.title_as_alt
+    title_as_alt, pixels = config.title_as_alt, config.max_pixel_side > 0
+    append, svg = rows.append, _SVG.search
     for node in tree.css("img"):
         attrs = node.attributes
         raw, attr = choose_src(attrs, config)
@@ -505,17 +516,18 @@ def _page_candidates(page: _Page, tree: LexborHTMLParser, snapshot: str, path: s
         url, host, reason = None, "", None
         if raw is None or not raw.strip():
             reason = _NO_SRC
-        elif config.max_pixel_side > 0 and is_tracking_pixel(attrs, config):
+        elif pixels and "width" in attrs and "height" in attrs and is_tracking_pixel(attrs, config):
             reason = _PIXEL
         else:
             url, host = resolver(raw)
             if url is None:
                 reason = _BAD_URL
-            elif _SVG.search(urlsplit(url).path if "?" in url or "#" in url else url):
+            # a .svg at the end of the path is one in the URL too (before its ? or #): urlsplit only for those
+            elif svg(url) and svg(urlsplit(url).path if "?" in url or "#" in url else url):
                 reason = _SVG_R
             elif url in seen:
                 reason = _DUP
             else:
                 seen.add(url)
-        rows.append((row_key(url or (raw or ""), alt, page_url), url, alt, page_url, page_host, host, snapshot,
-                     path, offset, date, attrs.get("src"), attr, title, reason))
+        append((row_key(url or (raw or ""), alt, page_url), url, alt, page_url, page_host, host, snapshot, path,
+                offset, date, attrs.get("src"), attr, title, reason))
