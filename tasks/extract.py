@@ -277,10 +277,6 @@ class _Page:
             self._body = self.rec.read()
         return self._body
 
-    @property
-    def has_base(self) -> bool:
-        return _BASE_TAG.search(self.body) is not None
-
 
 def _pages(path: str, config: ExtractConfig, stats: dict, replay: list | None, cc=None) -> Iterator[_Page]:
     """HTML pages paired with the metadata record that follows them (when there is one).
@@ -358,7 +354,6 @@ def _label(page: _Page, config: ExtractConfig) -> bool | None:
 
 
 _HIGH_BYTES = bytes(range(0x80, 0x100))
-_BASE_TAG = re.compile(rb"<base[\s/>]", re.I)
 
 
 def _cjk_possible(body: bytes, config: ExtractConfig) -> bool:
@@ -493,18 +488,20 @@ def _page_candidates(page: _Page, tree: LexborHTMLParser, snapshot: str, path: s
     """Append one row per <img> of the page: rules that need no URL first, then resolution (the costly part)."""
     page_url = page.rec.uri or ""
     base = page_url
-    # a CSS query walks the whole tree: only when the page has a <base> at all
-    base_node = tree.css_first("base[href]") if page.has_base else None
-    if base_node is not None:
-        href = resolve_src(base_node.attributes.get("href") or "", page_url)
-        base = href or page_url
+    # The first <base href> (CSS base[href]). tags() walks the tree in C without a selector to compile: a third
+    # of a CSS query's cost and less than a regex search of the body for "<base" (a test checks they agree).
+    for node in tree.tags("base"):
+        attrs = node.attributes
+        if "href" in attrs:
+            base = resolve_src(attrs["href"] or "", page_url) or page_url
+            break
     resolver = _Resolver(base)
     page_host = _host(page_url)
     offset, date = page.rec.offset, page.rec.date
     seen: set[str] = set()
     title_as_alt, pixels = config.title_as_alt, config.max_pixel_side > 0
     append, svg = rows.append, _SVG.search
-    for node in tree.css("img"):
+    for node in tree.tags("img"):  # the same nodes as css("img"), in document order
         attrs = node.attributes
         raw, attr = choose_src(attrs, config)
         alt = attrs.get("alt")

@@ -10,6 +10,7 @@ import lxml.html
 import pandas as pd
 import pytest
 from _fixtures import fixture_path
+from selectolax.lexbor import LexborHTMLParser
 from warcio.archiveiterator import ArchiveIterator
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
@@ -279,6 +280,30 @@ def test_base_href_changes_the_resolution(tmp_path):
         "http://cdn.example.net/z.jpg",
         "http://bad.example.cn/a/x.jpg",  # an unusable <base> falls back to the page URL
     ]
+
+
+@pytest.mark.parametrize("html", [
+    '<img src=a><IMG SRC=b><image src=c><svg><img src=d><image href=e></image><foreignObject><img src=f>'
+    "</foreignObject></svg>",
+    '<math><mi><img src=g></mi><mtext><img src=h></mtext><annotation-xml encoding="text/html"><img src=i>'
+    "</annotation-xml></math>",
+    "<template><img src=j></template><noscript><img src=k></noscript><select><img src=l><option><img src=m>"
+    "</option></select>",
+    "<table><img src=n><tr><td><img src=o></table><svg><svg:img src=p></svg:img><x:img src=q></svg><ns:img src=r>",
+    '<select><selectedcontent></selectedcontent><option selected><img src=s></option></select>',
+    "<p><b><img src=t></p></b><img src=u><frameset><img src=v></frameset>",
+    "<iframe><img src=w></iframe><textarea><img src=x></textarea><xmp><img src=y></xmp>",
+    '<base href="/x/"><svg><base href="/y/"></svg><BASE HREF=z><base>',
+    "<base><head><base href=q></head><body><base href=r>", "<svg><base href=/svg/></svg><base href=/html/>",
+    "<math><base href=/m/></math><base xlink:href=/xl/><base href>",
+])
+def test_tag_walks_find_what_the_css_queries_find(html):
+    """_page_candidates walks tags("img") and tags("base") for CSS's img and base[href]: the same nodes."""
+    tree = LexborHTMLParser(html)
+    assert [n.attributes for n in tree.tags("img")] == [n.attributes for n in tree.css("img")]
+    first = tree.css_first("base[href]")
+    walked = next((n for n in tree.tags("base") if "href" in n.attributes), None)
+    assert (walked.mem_id if walked else None) == (first.mem_id if first else None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
