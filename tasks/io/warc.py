@@ -28,7 +28,7 @@ WANTED = frozenset({"warcinfo", "response", "metadata", "resource"})
 _MAGIC = (b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\x04\x22\x4d\x18", b"WARC/")
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """One WARC record, headers parsed, payload read only on demand."""
 
@@ -136,7 +136,10 @@ def iter_records(path: str, backend: str = "auto", cc: CCConfig | None = None, s
             return
         if not head.startswith(_MAGIC):  # FastWARC skips junk silently: a file of it would read as "no pages"
             raise OSError(f"{path}: not a WARC file at byte {start} (starts with {head!r})")
-        records = _iter_fast(fh, path) if use_fast else _iter_warcio(fh, path)
+        if use_fast:
+            yield from _iter_fast(fh, path, start)
+            return
+        records = _iter_warcio(fh, path)
         if not start:
             yield from records
             return
@@ -208,12 +211,26 @@ if HAVE_FASTWARC:
     _RECORD_ID, _CONCURRENT_TO = _Header.WARC_RECORD_ID, _Header.WARC_CONCURRENT_TO
 
 
-def _iter_fast(fh, path: str) -> Iterator[Record]:
+def _iter_fast(fh, path: str, start: int = 0) -> Iterator[Record]:
+    """FastWARC's records as _FastRecord, offsets counted from `start` (where `fh` begins in the file).
+
+    One generator, no layers: a full scan meets every record of ~1 GB files. Parse errors become an OSError
+    naming the file, as in _guarded.
+    """
     kinds = _FastType.warcinfo | _FastType.response | _FastType.metadata | _FastType.resource
     names = _FAST_NAMES
     # quirks_mode: ClueWeb-era WARCs end HTTP header lines with a bare LF, which the strict parser misreads.
-    for rec in _guarded(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True), path):
-        yield _FastRecord(rec, names[int(rec.record_type)], rec.stream_pos)
+    it = iter(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True))
+    n = 0
+    while True:
+        try:
+            rec = next(it)
+        except StopIteration:
+            return
+        except Exception as err:  # corrupt gzip member or header
+            raise OSError(f"{path}: unreadable WARC data after record {n}: {err}") from err
+        n += 1
+        yield _FastRecord(rec, names[int(rec.record_type)], rec.stream_pos + start)
 
 
 _UNREAD = object()
@@ -229,9 +246,13 @@ class _FastRecord(Record):
     (hold() keeps it).
     """
 
+    __slots__ = ("_rec", "_uri", "_http", "_state")
+
     def __init__(self, rec, kind: str, offset: int):  # Record's dataclass __init__ is not called: fields are lazy
         self.type = kind
         self.offset = offset
+        self.truncated = False
+        self._headers = None
         self._rec = rec
         self._uri = _UNREAD
         self._http = None  # (status, mime, charset) once asked
