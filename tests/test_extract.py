@@ -388,6 +388,19 @@ def test_primary_language_edge_cases():
     assert primary_language({}) is None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_file_cut_anywhere_gives_what_was_there(tmp_path, backend):
+    """Cut inside WARC headers, HTTP headers or a payload: never an exception, never more than the whole file."""
+    data = fixture_path("warc/warcfile.warc.gz").read_bytes()
+    whole = extract_warc(str(fixture_path("warc/warcfile.warc.gz")), ExtractConfig(backend=backend))
+    path = tmp_path / "cut.warc.gz"
+    for cut in [100, *range(700, len(data), 2100)]:  # 100: inside the first record's WARC headers
+        path.write_bytes(data[:cut])
+        res = extract_warc(str(path), ExtractConfig(backend=backend))
+        assert res.stats["pages_total"] <= whole.stats["pages_total"], cut
+        assert set(res.candidates["key"]) <= set(whole.candidates["key"]), cut
+
+
 def test_corrupt_data_part_way_keeps_what_was_read_and_counts_it(tmp_path):
     """A WARC whose later bytes are garbage: the pages before the damage are extracted, the damage counted."""
     good = fixture_path("warc/warcfile.warc.gz").read_bytes()

@@ -405,7 +405,10 @@ def _iter_warcio(fh, path: str) -> Iterator[Record]:
                 status = int(http.get_statuscode())
             except (TypeError, ValueError):
                 status = None
-        declared = rec.length - (len(http.to_bytes()) if http is not None else 0)
+        if rec.length is None:  # the file ends inside the WARC headers: no Content-Length to compare with
+            declared = -1
+        else:
+            declared = rec.length - (len(http.to_bytes()) if http is not None else 0)
         if http is not None and (http.get_header("Transfer-Encoding") or http.get_header("Content-Encoding")):
             declared = -1  # warcio decodes these: the decoded size says nothing about truncation
         yield Record(
