@@ -259,23 +259,32 @@ def is_tracking_pixel(attrs: dict, config: ExtractConfig) -> bool:
     return w is not None and h is not None and w <= config.max_pixel_side and h <= config.max_pixel_side
 
 
-@dataclass
 class _Page:
-    rec: Record
-    body: bytes
-    meta: dict[str, str] | None = None
-    chinese: bool | None = None  # decided by Common Crawl's label (metadata record or index); None: not labelled
+    """An HTML response, its metadata record's fields and Common Crawl's label; the body read when first asked."""
+
+    __slots__ = ("rec", "_body", "meta", "chinese")
+
+    def __init__(self, rec: Record, body: bytes | None = None, meta: dict[str, str] | None = None,
+                 chinese: bool | None = None):
+        self.rec = rec
+        self._body = body  # None: held by the record (Record.hold), read on first use
+        self.meta = meta
+        self.chinese = chinese  # decided by Common Crawl's label (metadata record or index); None: not labelled
 
     @property
-    def has_base(self) -> bool:
-        return _BASE_TAG.search(self.body) is not None
+    def body(self) -> bytes:
+        if self._body is None:
+            self._body = self.rec.read()
+        return self._body
 
 
 def _pages(path: str, config: ExtractConfig, stats: dict, replay: list | None, cc=None) -> Iterator[_Page]:
     """HTML pages paired with the metadata record that follows them (when there is one).
 
-    Damaged data part-way (a gzip member that does not inflate) is counted in read_errors and skipped: reading
-    goes on at the next intact record, so one bad member never costs the rest of the file.
+    Common Crawl writes the metadata record (the page's language) after the response, so a page's payload is
+    held (Record.hold: FastWARC keeps it without making a bytes object) until that record says whether it is
+    read at all. Damaged data part-way (a gzip member that does not inflate) is counted in read_errors and
+    skipped: reading goes on at the next intact record, so one bad member never costs the rest of the file.
     """
     pending: _Page | None = None
     image_mimes = config.image_mimes
@@ -293,24 +302,30 @@ def _pages(path: str, config: ExtractConfig, stats: dict, replay: list | None, c
                         yield pending
                         pending = None
                     continue
-                if kind == "warcinfo":
-                    info = parse_metadata(rec.read())
-                    stats.setdefault("snapshot", info.get("ispartof"))
-                    continue
                 if kind != "response":
+                    if kind == "warcinfo":
+                        info = parse_metadata(rec.read())
+                        stats.setdefault("snapshot", info.get("ispartof"))
                     continue
+                status = rec.status
                 if replay is not None:
-                    replay.append((rec.uri, path, rec.offset, rec.status))  # any response may be asked for by URL
+                    replay.append((rec.uri, path, last, status))  # any response may be asked for by URL
                 mime = rec.mime
-                if rec.status != 200 or (mime or "").startswith(image_mimes):
+                if status != 200 or (mime or "").startswith(image_mimes):
                     continue
-                if mime is not None and mime not in HTML_TYPES:
+                if mime is None:  # no Content-Type: sniffed
+                    body = rec.read()
+                    if rec.truncated:
+                        stats["records_truncated"] += 1
+                    if not body.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+                        continue
+                elif mime not in HTML_TYPES:
                     continue
-                body = rec.read()
-                if rec.truncated:
-                    stats["records_truncated"] += 1
-                if mime is None and not body.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
-                    continue
+                else:
+                    body = None
+                    rec.hold()
+                    if rec.truncated:
+                        stats["records_truncated"] += 1
                 if pending is not None:
                     yield pending
                 pending = _Page(rec, body)
@@ -339,7 +354,6 @@ def _label(page: _Page, config: ExtractConfig) -> bool | None:
 
 
 _HIGH_BYTES = bytes(range(0x80, 0x100))
-_BASE_TAG = re.compile(rb"<base[\s/>]", re.I)
 
 
 def _cjk_possible(body: bytes, config: ExtractConfig) -> bool:
@@ -437,17 +451,27 @@ def extract_selected(path: str, selected: pd.DataFrame, config: ExtractConfig = 
     return ExtractResult(_frame(rows, stats), _replay_frame([]), stats)
 
 
+def _typed(rows: list[tuple], dtypes: dict[str, str]) -> pd.DataFrame:
+    """A frame of `rows` (tuples in the order of `dtypes`) built column by column, each straight into its dtype.
+
+    The same frame as DataFrame.from_records(rows).astype(dtypes) in under half the time: no object frame first.
+    """
+    columns = zip(*rows, strict=True) if rows else [()] * len(dtypes)
+    return pd.DataFrame({name: pd.array(col, dtype=dtype) for (name, dtype), col in zip(dtypes.items(), columns,
+                                                                                       strict=True)})
+
+
 def _frame(rows: list[tuple], stats: dict) -> pd.DataFrame:
     stats["img_elements"] = len(rows)
-    cand = pd.DataFrame.from_records(rows, columns=list(_COLUMNS)) if rows else pd.DataFrame(columns=list(_COLUMNS))
-    return cand.astype(_COLUMNS)
+    return _typed(rows, _COLUMNS)
+
+
+_REPLAY_COLUMNS = {"url": "str", "warc_file": "str", "offset": "int64", "status": "Int64"}
 
 
 def _replay_frame(replay: list[tuple]) -> pd.DataFrame:
-    rep = pd.DataFrame(replay, columns=["url", "warc_file", "offset", "status"])
-    rep = rep.dropna(subset=["url"]).astype({"url": "str", "warc_file": "str", "offset": "int64"})
-    rep["status"] = rep["status"].astype("Int64")
-    return rep
+    rep = _typed(replay, _REPLAY_COLUMNS)
+    return rep.dropna(subset=["url"]) if rep["url"].hasnans else rep
 
 
 _COLUMNS = {
@@ -464,17 +488,20 @@ def _page_candidates(page: _Page, tree: LexborHTMLParser, snapshot: str, path: s
     """Append one row per <img> of the page: rules that need no URL first, then resolution (the costly part)."""
     page_url = page.rec.uri or ""
     base = page_url
-    # a CSS query walks the whole tree: only when the page has a <base> at all
-    base_node = tree.css_first("base[href]") if page.has_base else None
-    if base_node is not None:
-        href = resolve_src(base_node.attributes.get("href") or "", page_url)
-        base = href or page_url
+    # The first <base href>, as CSS base[href] finds it (a test checks they agree). Right after the parse the tree
+    # is in cache and a tag walk costs no more than the regex search of the body for "<base" that it replaces.
+    for node in tree.tags("base"):
+        attrs = node.attributes
+        if "href" in attrs:
+            base = resolve_src(attrs["href"] or "", page_url) or page_url
+            break
     resolver = _Resolver(base)
     page_host = _host(page_url)
     offset, date = page.rec.offset, page.rec.date
     seen: set[str] = set()
-    title_as_alt = config.title_as_alt
-    for node in tree.css("img"):
+    title_as_alt, pixels = config.title_as_alt, config.max_pixel_side > 0
+    append, svg = rows.append, _SVG.search
+    for node in tree.tags("img"):  # the same nodes as css("img"), in document order
         attrs = node.attributes
         raw, attr = choose_src(attrs, config)
         alt = attrs.get("alt")
@@ -486,17 +513,18 @@ def _page_candidates(page: _Page, tree: LexborHTMLParser, snapshot: str, path: s
         url, host, reason = None, "", None
         if raw is None or not raw.strip():
             reason = _NO_SRC
-        elif config.max_pixel_side > 0 and is_tracking_pixel(attrs, config):
+        elif pixels and "width" in attrs and "height" in attrs and is_tracking_pixel(attrs, config):
             reason = _PIXEL
         else:
             url, host = resolver(raw)
             if url is None:
                 reason = _BAD_URL
-            elif _SVG.search(urlsplit(url).path if "?" in url or "#" in url else url):
+            # a .svg at the end of the path is one in the URL too (before its ? or #): urlsplit only for those
+            elif svg(url) and svg(urlsplit(url).path if "?" in url or "#" in url else url):
                 reason = _SVG_R
             elif url in seen:
                 reason = _DUP
             else:
                 seen.add(url)
-        rows.append((row_key(url or (raw or ""), alt, page_url), url, alt, page_url, page_host, host, snapshot,
-                     path, offset, date, attrs.get("src"), attr, title, reason))
+        append((row_key(url or (raw or ""), alt, page_url), url, alt, page_url, page_host, host, snapshot, path,
+                offset, date, attrs.get("src"), attr, title, reason))

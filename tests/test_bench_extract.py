@@ -79,6 +79,6 @@ def test_main_prints_every_figure_and_the_json_line_last(bench, work, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == figures
     for key in ("ratio_vs_gunzip_5pct", "ratio_vs_gunzip_100pct", "speedup_vs_warcio_lxml",
-                "index_bytes_over_selected", "index_speedup_5pct", "speedup_2proc"):
+                "fastwarc_iterate_vs_gunzip_5pct", "index_bytes_over_selected", "index_speedup_5pct", "speedup_2proc"):
         assert figures[key] > 0, key
     assert figures["index_bytes_over_selected"] >= 1.0

@@ -10,6 +10,7 @@ import lxml.html
 import pandas as pd
 import pytest
 from _fixtures import fixture_path
+from selectolax.lexbor import LexborHTMLParser
 from warcio.archiveiterator import ArchiveIterator
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
@@ -281,6 +282,30 @@ def test_base_href_changes_the_resolution(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("html", [
+    '<img src=a><IMG SRC=b><image src=c><svg><img src=d><image href=e></image><foreignObject><img src=f>'
+    "</foreignObject></svg>",
+    '<math><mi><img src=g></mi><mtext><img src=h></mtext><annotation-xml encoding="text/html"><img src=i>'
+    "</annotation-xml></math>",
+    "<template><img src=j></template><noscript><img src=k></noscript><select><img src=l><option><img src=m>"
+    "</option></select>",
+    "<table><img src=n><tr><td><img src=o></table><svg><svg:img src=p></svg:img><x:img src=q></svg><ns:img src=r>",
+    '<select><selectedcontent></selectedcontent><option selected><img src=s></option></select>',
+    "<p><b><img src=t></p></b><img src=u><frameset><img src=v></frameset>",
+    "<iframe><img src=w></iframe><textarea><img src=x></textarea><xmp><img src=y></xmp>",
+    '<base href="/x/"><svg><base href="/y/"></svg><BASE HREF=z><base>',
+    "<base><head><base href=q></head><body><base href=r>", "<svg><base href=/svg/></svg><base href=/html/>",
+    "<math><base href=/m/></math><base xlink:href=/xl/><base href>",
+])
+def test_tag_walks_find_what_the_css_queries_find(html):
+    """_page_candidates walks tags("img") and tags("base") for CSS's img and base[href]: the same nodes."""
+    tree = LexborHTMLParser(html)
+    assert [n.attributes for n in tree.tags("img")] == [n.attributes for n in tree.css("img")]
+    first = tree.css_first("base[href]")
+    walked = next((n for n in tree.tags("base") if "href" in n.attributes), None)
+    assert (walked.mem_id if walked else None) == (first.mem_id if first else None)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_html_200_responses_are_pages_but_all_are_replayable(tmp_path, backend):
     png = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
@@ -361,6 +386,19 @@ def test_primary_language_edge_cases():
                    '{"languages":{"code":"zh"}}', '{"languages":"zh"}', '{"languages":[{}]}'):
         assert primary_language(meta(broken)) is None, broken
     assert primary_language({}) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_file_cut_anywhere_gives_what_was_there(tmp_path, backend):
+    """Cut inside WARC headers, HTTP headers or a payload: never an exception, never more than the whole file."""
+    data = fixture_path("warc/warcfile.warc.gz").read_bytes()
+    whole = extract_warc(str(fixture_path("warc/warcfile.warc.gz")), ExtractConfig(backend=backend))
+    path = tmp_path / "cut.warc.gz"
+    for cut in [100, *range(700, len(data), 2100)]:  # 100: inside the first record's WARC headers
+        path.write_bytes(data[:cut])
+        res = extract_warc(str(path), ExtractConfig(backend=backend))
+        assert res.stats["pages_total"] <= whole.stats["pages_total"], cut
+        assert set(res.candidates["key"]) <= set(whole.candidates["key"]), cut
 
 
 def test_corrupt_data_part_way_keeps_what_was_read_and_counts_it(tmp_path):

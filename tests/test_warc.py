@@ -94,6 +94,27 @@ def test_clipped_response_is_marked_truncated_after_read(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["warcfile.warc.gz", "clipped.warc.gz", "clueweb-quirk.warc.gz",
+                                  "warcio_example.warc.gz", "warcio_example-iana.org-chunked.warc", "cut"])
+def test_a_held_payload_reads_back_after_the_reader_moved_on(tmp_path, backend, name):
+    """hold() then read() once later, past other records: the same bytes and truncation as read() in the loop."""
+    if name == "cut":  # ends mid-record
+        path = tmp_path / "cut.warc.gz"
+        path.write_bytes(fixture_path("warc/warcfile.warc.gz").read_bytes()[:50_000])
+    else:
+        path = fixture_path(f"warc/{name}")
+    want = [(rec.offset, rec.read(), rec.truncated) for rec in iter_records(str(path), backend)]
+    held = []
+    for rec in iter_records(str(path), backend):
+        rec.hold()
+        held.append((rec, rec.truncated))  # known at hold()
+    got = [(rec.offset, rec.read(), truncated) for rec, truncated in held]
+    assert got == want
+    assert any(body for _, body, _ in got)
+    assert [rec.read() for rec, _ in held] == [b""] * len(held)  # a payload is read once, as without hold()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_read_record_at_round_trips_every_record(backend):
     path = str(fixture_path("warc/warcfile.warc.gz"))
     expected = {}
