@@ -115,13 +115,17 @@ def test_the_same_snapshot_triggered_twice_is_one_run(deployed, tmp_path):
 def test_backfill_fans_out_one_child_run_per_snapshot(deployed, common_crawl, tmp_path):
     template = CurateParams(out=str(tmp_path), warc_limit=1, cc_base_url=common_crawl.url)
     runs = backfill(snapshots=[CRAWL, OTHER_CRAWL, CRAWL], template=template)
-    assert [r["snapshot"] for r in runs] == [CRAWL, OTHER_CRAWL]
+    assert [r["snapshot"] for r in runs] == [OTHER_CRAWL, CRAWL]  # oldest first, whatever order was asked
     assert len({r["flow_run"] for r in runs}) == 2
-    again = backfill(first=OTHER_CRAWL, last=CRAWL, template=template)  # the range, oldest first: the same runs
-    assert [r["flow_run"] for r in again] == [r["flow_run"] for r in reversed(runs)]
+    again = backfill(first=OTHER_CRAWL, last=CRAWL, template=template)  # the range: the same runs
+    assert [r["flow_run"] for r in again] == [r["flow_run"] for r in runs]
     with _client() as client:
         child = client.read_flow_run(runs[0]["flow_run"])
         assert child.parent_task_run_id is not None  # linked from the backfill run in the UI
+        # each snapshot's run commits only after the earlier snapshots' runs have finished
+        assert child.parameters["params"]["commit_after"] == []
+        later = client.read_flow_run(runs[1]["flow_run"])
+        assert later.parameters["params"]["commit_after"] == [runs[0]["flow_run"]]
     with pytest.raises(ValueError, match="unknown Common Crawl snapshot"):
         backfill(snapshots=["CC-MAIN-1999-01"], template=template)
 
