@@ -257,3 +257,28 @@ def test_a_worker_killed_mid_run_crashes_the_run_and_a_retry_resumes(deployed, s
         assert state.is_completed(), state.message
     assert {p: p.stat().st_mtime_ns for p in done} == done  # complete shards were not redone
     assert list((tmp_path / "out").glob("*/report.json"))
+
+
+def test_a_run_waits_for_the_earlier_runs_to_finish_before_it_commits(prefect_server):
+    import threading
+
+    from prefect import flow
+    from prefect.states import Completed, Failed
+
+    from flows.runtime import wait_for_runs
+
+    @flow
+    def earlier():
+        pass
+
+    with _client() as client:
+        first, second = client.create_flow_run(earlier), client.create_flow_run(earlier)
+        waiter = threading.Thread(target=wait_for_runs, args=([str(first.id), str(second.id)], 0.1))
+        waiter.start()
+        time.sleep(1.0)
+        assert waiter.is_alive()  # neither earlier run has finished
+        client.set_flow_run_state(first.id, Completed(), force=True)
+        client.set_flow_run_state(second.id, Failed(), force=True)  # a failed earlier run commits nothing: no wait
+        waiter.join(10)
+        assert not waiter.is_alive()
+    wait_for_runs([])  # nothing to wait for
