@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from flows.settings import build_config
+from tasks import align as align_stage
 from tasks import refine as refine_stage
 from tasks.calibrate import Chain, Fit, fit_chain
 from tasks.io import shards
@@ -43,6 +44,32 @@ def calibrate_run(run_dir: Path) -> tuple[dict, dict[str, list[Fit]]]:
                    if getattr(fitted, r.setting) != getattr(config, r.setting)}
         if changed:
             settings[section] = {**settings.get(section, {}), **changed}
+    band = calibrate_band(run_dir, run, settings)
+    if band:
+        fits["align"] = band
     for section, values in settings.items():
         build_config(section, values)  # what we write must load back
     return settings, fits
+
+
+def calibrate_band(run_dir: Path, run: dict, settings: dict) -> list[Fit]:
+    """The alignment band for the run's align model: the paper's band for the paper's model, else the band that
+    removes the paper's share of the pairs that entered align (split by `low_share`), written as `align.low` and
+    `align.high` so later runs with this model use it as is."""
+    rows = stage_rows(run_dir, "align")
+    if rows.empty or "align_cosine" not in rows.columns:
+        return []
+    name, placeholder, _ = (run.get("models") or {}).get("align", ("", True, ""))
+    values = {k: v for k, v in settings.get("align", {}).items() if k not in ("low", "high")}
+    config = build_config("align", values)
+    scores = rows["align_cosine"].to_numpy(dtype="float64")
+    band = align_stage.choose_band(scores, config, name, placeholder)
+    removed = int(((scores < band.low) | (scores > band.high)).sum())
+    note = f"cosine band [{band.low:.4f}, {band.high:.4f}], low_share {config.low_share}"
+    if band.fitted:
+        settings["align"] = {**values, "low": band.low, "high": band.high}
+        if placeholder:
+            note += "; placeholder model: the band judges nothing"
+    else:
+        note += "; the paper's band for its model, not fitted"
+    return [Fit("align.out_of_band", len(scores), removed, config.target_removal, None, note)]

@@ -263,8 +263,14 @@ def test_calibrate_a_sample_run(sample_run, sample_crawl, tmp_path, capsys):
 
     run_dir = Path(sample_run["run_dir"])
     assert main(["calibrate", str(run_dir), "--out", str(tmp_path / "thresholds.json")]) == 0
-    assert "refine.low_entropy" in capsys.readouterr().out
-    refine = json.loads((tmp_path / "thresholds.json").read_text())["refine"]
+    printed = capsys.readouterr().out
+    assert "refine.low_entropy" in printed and "align.out_of_band" in printed
+    thresholds = json.loads((tmp_path / "thresholds.json").read_text())
+    refine = thresholds["refine"]
+    # The placeholder align model gets a band fitted to the paper's rate, registered for later runs
+    band = {s["stage"]: s for s in sample_run["report"]["stages"]}["align"]["band"]
+    assert thresholds["align"]["low"] == pytest.approx(band["low"]) and thresholds["align"]["high"] == pytest.approx(
+        band["high"])
     assert {"lid_threshold", "entropy_threshold"} <= set(refine)
     rows = pd.concat([pd.read_parquet(p) for p in (run_dir / "rejects").glob("refine-*.parquet")])
     assert rows["lid_score"].notna().all() and rows["word_entropy"].notna().all()  # scores stored with rejects
