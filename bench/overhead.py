@@ -25,18 +25,21 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GENERATOR = 2  # bump when the generated shards change: cached files of another version are not reused
+GENERATOR = 3  # bump when the generated shards change: cached files of another version are not reused
 WORDS = ["美丽", "的", "山水", "风景", "城市", "夜景", "一只", "可爱", "小猫", "在", "草地", "上", "玩耍", "传统",
          "建筑", "古老", "寺庙", "新鲜", "水果", "蔬菜", "市场", "里", "春天", "花朵", "盛开", "公园", "湖边", "孩子们"]
 
 
-def _image(rng: np.random.Generator, w: int, h: int) -> bytes:
+REPEATS = 0.3  # share of image records that re-use an earlier image of the shard (the paper's dedup removed 41%)
+
+
+def _image(rng: np.random.Generator, w: int, h: int, grain: np.ndarray) -> bytes:
     """A photo-like image that passes stage 3's quality rules (texture, sharpness, entropy): a 36x48 grid of
-    random colours with hard edges plus grain, ~75 KB as JPEG. Images the rules drop would leave the later
-    stages nothing to do and the comparison would say nothing."""
+    random colours with hard edges plus grain, ~75 KB as JPEG; every call a different one, far from the others
+    under the dedup rule. Images the rules drop would leave the later stages nothing to do and the comparison
+    would say nothing."""
     small = rng.integers(0, 255, (36, 48, 3), dtype=np.uint8)
     base = np.asarray(Image.fromarray(small).resize((w, h), Image.NEAREST), dtype=np.int16)
-    grain = rng.normal(0, 8, (h, w, 3))
     buf = io.BytesIO()
     Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=85)
     return buf.getvalue()
@@ -48,7 +51,8 @@ def write_shard(path: Path, index: int, target_bytes: int) -> None:
     from warcio.warcwriter import WARCWriter
 
     rng = np.random.default_rng(index)
-    pool = [_image(rng, 480, 360) for _ in range(40)]
+    grain = rng.normal(0, 8, (360, 480, 3)).astype(np.int16)  # drawn once: the grain need not differ
+    seen: list[bytes] = []
     written = 0
     page = 0
     tmp = path.with_suffix(".tmp")
@@ -69,7 +73,14 @@ def write_shard(path: Path, index: int, target_bytes: int) -> None:
             writer.write_record(writer.create_warc_record(url, "metadata", payload=io.BytesIO(meta),
                                                           warc_content_type="application/warc-fields"))
             for u, _ in imgs:
-                body = pool[int(rng.integers(0, len(pool)))]
+                if seen and rng.random() < REPEATS:
+                    body = seen[int(rng.integers(0, len(seen)))]
+                else:
+                    body = _image(rng, 480, 360, grain)
+                    if len(seen) < 2000:  # a bounded pool of earlier images to repeat
+                        seen.append(body)
+                    else:
+                        seen[int(rng.integers(0, len(seen)))] = body
                 ihdr = StatusAndHeaders("200 OK", [("Content-Type", "image/jpeg")], protocol="HTTP/1.1")
                 writer.write_record(writer.create_warc_record(u, "response", payload=io.BytesIO(body),
                                                               http_headers=ihdr))
@@ -151,7 +162,7 @@ def flow(warcs: list[str], out: Path) -> tuple[float, float, int]:
 
     t0 = time.perf_counter()
     runtime.task_runner(None)  # applies the project's worker environment to the cluster below
-    with runtime.prefect_api(out / ".logs"), LocalCluster(
+    with runtime.prefect_api(out / ".logs", out / ".prefect"), LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, memory_limit="8GiB", dashboard_address=":0",
         local_directory=str(out / ".dask"),
     ) as cluster, Client(cluster) as client:

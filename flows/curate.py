@@ -84,11 +84,16 @@ def check_inputs(params: CurateParams) -> list[str]:
 
 def resolve_models(params: CurateParams) -> dict:
     """role -> (name, placeholder, source); a user-named model that cannot load raises here, before any task."""
-    from tasks.models import check_text_classifier, resolve_model
+    from tasks.models import DEFAULT_MODELS, check_text_classifier, resolve_model
 
-    resolved = {}
+    resolved, checked = {}, {}
     for role in ("embed", "align", "tokenizer"):
-        r = resolve_model(role, params.models.get(role))  # logs its own fallback warning
+        name = params.models.get(role)
+        # The three roles share one default: check each model once (offline, each check waits on the hub probe).
+        key = (name or DEFAULT_MODELS[role], name is not None)
+        if key not in checked:
+            checked[key] = resolve_model(role, name)  # logs its own fallback warning
+        r = checked[key]
         resolved[role] = (r.name, r.placeholder, r.source)
     if params.models.get("nsfw_text"):  # optional: only a named classifier joins the source stage
         r = resolve_model("nsfw_text", params.models["nsfw_text"])
@@ -256,5 +261,5 @@ def curate(
         params = params.model_copy(update={"gpu_resource": runtime.check_scheduler(dask_address)})
     out = Path(params.out)
     runner = runtime.task_runner(dask_address, cluster, out / ".dask")
-    with runtime.prefect_api(out / ".logs"):
+    with runtime.prefect_api(out / ".logs", out / ".prefect"):
         return curate_snapshot.with_options(task_runner=runner)(params, progress=progress)

@@ -34,11 +34,13 @@ def _healthy(api_url: str) -> bool:
 
 
 @contextlib.contextmanager
-def prefect_api(log_dir: Path, startup_timeout_s: float = 120.0):
+def prefect_api(log_dir: Path, home: Path | None = None, startup_timeout_s: float = 120.0):
     """Reuse PREFECT_API_URL when set; else start `prefect server` on 127.0.0.1 and stop it afterwards.
 
     Prefect's temporary in-process server breaks with Dask worker processes (each would start its own),
-    so Dask runs need a real API URL that workers inherit through the environment.
+    so Dask runs need a real API URL that workers inherit through the environment. `home`: the server's
+    PREFECT_HOME (its SQLite database), so each output root keeps its own run history instead of sharing
+    ~/.prefect with every other Prefect use on the machine.
     """
     url = prefect_api_url()
     if url:
@@ -49,6 +51,9 @@ def prefect_api(log_dir: Path, startup_timeout_s: float = 120.0):
     log_dir.mkdir(parents=True, exist_ok=True)
     logfile = open(log_dir / "prefect-server.log", "ab")
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": url}
+    if home is not None:
+        home.mkdir(parents=True, exist_ok=True)
+        env["PREFECT_HOME"] = str(home)
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True,

@@ -270,3 +270,6 @@ def test_cli_default_run_starts_its_own_prefect_server(tmp_path):
     assert len(reports) == 1
     check_report(reports[0], "--kept-all")
     assert json.loads(reports[0].read_text())["samples"] > 0
+    # the temporary server kept its history under the output root, not in the user's Prefect home
+    assert (tmp_path / "out" / ".prefect" / "prefect.db").is_file()
+    assert not (tmp_path / "prefect-home" / "prefect.db").exists()
