@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 
@@ -15,3 +16,11 @@ def best_of(runs: dict, repeat: int) -> tuple[dict[str, float], dict]:
             results[name] = fn()
             times[name].append(time.perf_counter() - t0)
     return {name: min(ts) for name, ts in times.items()}, results
+
+
+def report(figures: dict, width: int = 26) -> dict:
+    """Print each figure, then all of them as one JSON object: the last line of a bench's stdout."""
+    for key, value in figures.items():
+        print(f"{key:>{width}}: {value}")
+    print(json.dumps(figures))
+    return figures

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import os
 import shutil
 import sys
@@ -43,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_models builds the random-weight checkpoints for tests and here
-from bench.common import best_of  # noqa: E402 - after the checkout is on sys.path
+from bench.common import best_of, report  # noqa: E402 - after the checkout is on sys.path
 from bench.refine import load_captions  # noqa: E402
 
 FIXTURE_IMAGES = ROOT.parent / "shared/fixtures/images"
@@ -149,10 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         "forward_images_per_s": round(n / times["forward"], 2),
         "embed_ratio_vs_forward": round(times["forward"] / times["ours"], 3),
     }
-    for key, value in figures.items():
-        print(f"{key:>24}: {value}")
-    print(json.dumps(figures))
-    return figures
+    return report(figures)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import best_of  # noqa: E402 - after the checkout is on sys.path
+from bench.common import best_of, report  # noqa: E402 - after the checkout is on sys.path
 
 GEN_VERSION = 2  # bump when the generator's output changes: cached WARCs are rebuilt
 CRAWL = "CC-MAIN-2020-34"
@@ -928,10 +928,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile:
         for name, path in (("5%", z5), ("100%", z100)):
             print(f"cProfile of extract_warc on the {name} file, by own time:\n{profile(path)}")
-    for k, v in figures.items():
-        print(f"{k:>26}: {v}")
-    print(json.dumps(figures))
-    return figures
+    return report(figures)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import tempfile
@@ -221,9 +220,9 @@ def main() -> None:
         "startup_seconds": round(min(startups), 2), "overhead_fraction": round(flow_s / plain_s - 1, 4),
         "overhead_fraction_worst": round(max(flows) / min(plains) - 1, 4),
     }
-    for k, v in figures.items():
-        print(f"{k:>18}: {v}")
-    print(json.dumps(figures))
+    from bench.common import report
+
+    report(figures)
 
 
 if __name__ == "__main__":

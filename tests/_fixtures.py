@@ -29,3 +29,14 @@ def shared_path(rel: str) -> Path:
             pytest.fail(f"{message}; under CI it must be there")
         pytest.skip(message)
     return path
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (the benches are scripts, not a package the tests import by name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / "bench" /
+                                                  f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from _fixtures import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_embed", ROOT / "bench" / "embed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("embed")
     if not module.FIXTURE_IMAGES.is_dir():
         if os.environ.get("CI") == "true":
             pytest.fail(f"fixture folder {module.FIXTURE_IMAGES} is missing under CI")

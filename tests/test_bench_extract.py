@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from _fixtures import load_bench
 from warcio.archiveiterator import ArchiveIterator
 
 from tasks.extract import extract_warc
 
-ROOT = Path(__file__).resolve().parents[1]
 MB = 1.5  # the bench's --tiny size: ~60 captures a file
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_extract", ROOT / "bench" / "extract.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("extract")
     return module
 
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _fixtures import load_bench
 
 
 def test_bench_prints_its_figures(capsys, monkeypatch, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_refine", ROOT / "bench" / "refine.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("refine")
     monkeypatch.setattr(bench, "N_GENERATED", 60)
     captions, source = bench.load_captions(tmp_path / "absent.txt")
     assert source == "generated" and len(captions) == 60 and all(captions)

@@ -214,22 +214,12 @@ if HAVE_FASTWARC:
 def _iter_fast(fh, path: str, start: int = 0) -> Iterator[Record]:
     """FastWARC's records as _FastRecord, offsets counted from `start` (where `fh` begins in the file).
 
-    One generator, no layers: a full scan meets every record of ~1 GB files. Parse errors become an OSError
-    naming the file, as in _guarded.
+    Parse errors become an OSError naming the file (_guarded).
     """
     kinds = _FastType.warcinfo | _FastType.response | _FastType.metadata | _FastType.resource
     names = _FAST_NAMES
     # quirks_mode: ClueWeb-era WARCs end HTTP header lines with a bare LF, which the strict parser misreads.
-    it = iter(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True))
-    n = 0
-    while True:
-        try:
-            rec = next(it)
-        except StopIteration:
-            return
-        except Exception as err:  # corrupt gzip member or header
-            raise OSError(f"{path}: unreadable WARC data after record {n}: {err}") from err
-        n += 1
+    for rec in _guarded(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True), path):
         yield _FastRecord(rec, names[int(rec.record_type)], rec.stream_pos + start)
 
 
