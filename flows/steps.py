@@ -191,6 +191,11 @@ def _read(ctx: RunContext, step: str, shard: str) -> pd.DataFrame:
     return shards.read_parquet(step_path(ctx, step, shard))
 
 
+def _column(ctx: RunContext, step: str, shard: str, column: str) -> pd.Series:
+    """One column of a step's kept rows: the reduces need keys or scores, not every caption and score."""
+    return pd.read_parquet(step_path(ctx, step, shard), columns=[column])[column]
+
+
 @task(name="extract", task_run_name="extract-{shard}", cache_policy=NO_CACHE, retries=2,
       retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def extract(ctx: RunContext, shard: str, warc: str, cc_index: dict | None = None) -> dict:
@@ -609,7 +614,7 @@ def fit_align_band(ctx: RunContext, diversified: list[dict]) -> dict:
     name, placeholder, _ = ctx.models["align"]
 
     def compute(out: Path) -> dict:
-        parts = [_read(ctx, "diversify", m["shard"])["align_cosine"] for m in diversified]
+        parts = [_column(ctx, "diversify", m["shard"], "align_cosine") for m in diversified]
         scores = pd.concat(parts).to_numpy(np.float64) if parts else np.zeros(0)
         band = align_stage.choose_band(scores, cfg, name, placeholder)
         result = {**config_dict(band), "target_removal": cfg.target_removal, "low_share": cfg.low_share}
@@ -640,7 +645,7 @@ def crossbatch_search(ctx: RunContext, aligns: list[dict], embeds: list[dict], l
     def compute(out: Path) -> dict:
         survivors = set()
         for m in aligns:
-            survivors.update(_read(ctx, "align", m["shard"])["key"])
+            survivors.update(_column(ctx, "align", m["shard"], "key"))
         keys, _, vectors = _run_vectors(ctx, embeds, survivors)
         table = lance.open_embeddings(ctx.lancedb, loaded["extra"]["identity"], create=False) if table_name else None
         runs = [r["run_id"] for r in earlier]
@@ -681,7 +686,7 @@ def commit(ctx: RunContext, writes: list[dict], loaded: dict) -> dict:
     next place in the commit order. Exactly once: the register is checked before anything is marked."""
 
     def compute(out: Path) -> dict:
-        kept = [k for m in writes for k in _read(ctx, "crossbatch", m["shard"])["key"]]
+        kept = [k for m in writes for k in _column(ctx, "crossbatch", m["shard"], "key")]
         result = lance.commit_run(ctx.lancedb, loaded["extra"]["table"], ctx.run_id, ctx.snapshot, kept)
         shards.write_json(result, out)
         return result

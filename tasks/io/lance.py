@@ -148,7 +148,8 @@ def _retry(write, attempts: int = 8):
         try:
             return write()
         except (OSError, RuntimeError, ValueError) as error:
-            if attempt == attempts - 1 or "onflict" not in str(error) and "etry" not in str(error):
+            message = str(error).lower()
+            if attempt == attempts - 1 or not ("conflict" in message or "retry" in message):
                 raise
             time.sleep(0.05 * 2 ** attempt)
     return None
