@@ -55,7 +55,7 @@ def prefect_api(log_dir: Path, home: Path | None = None, startup_timeout_s: floa
         home.mkdir(parents=True, exist_ok=True)
         env["PREFECT_HOME"] = str(home)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "flows.prefect_server", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     try:

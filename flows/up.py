@@ -104,7 +104,7 @@ class Stack:
 
         self.lock()
         py = sys.executable
-        self._spawn("prefect-server", [py, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+        self._spawn("prefect-server", [py, "-m", "flows.prefect_server", "server", "start", "--host", "127.0.0.1",
                                        "--port", str(self.port)])
         _wait("the Prefect server", lambda: _healthy(self.api), self.procs, startup_timeout_s)
         self._spawn("dask-scheduler", [py, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",

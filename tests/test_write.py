@@ -77,6 +77,54 @@ def test_shard_is_byte_identical_when_written_again(tmp_path):
     assert (tmp_path / "a" / "s.tar").read_bytes() == (tmp_path / "b" / "s.tar").read_bytes()
 
 
+def _tarfile_reference(frame: pd.DataFrame, path) -> None:
+    """The same archive written by Python's tarfile (ustar, fixed metadata): what the direct writer must equal."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for _, row in metadata(frame).iterrows():
+            record = json.loads(json.dumps({k: (None if v is pd.NA or v != v else v.item() if hasattr(v, "item")
+                                                else v) for k, v in row.items()}))
+            image = frame.set_index("key").loc[row["key"], "image"]
+            for name, data in ((f"{row['key']}.jpg", image), (f"{row['key']}.txt", row["caption"].encode()),
+                               (f"{row['key']}.json", json.dumps(record, ensure_ascii=False, sort_keys=True).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+                tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "buffer"])
+@pytest.mark.parametrize("n", [1, 3, 7])
+def test_images_copied_from_a_blob_file_give_the_archive_tarfile_writes(tmp_path, monkeypatch, n, kernel_copy):
+    import os
+
+    from tasks.io.shards import BlobReader, write_blobs
+
+    if not kernel_copy:  # a platform or file system pair without copy_file_range
+        def refuse(*args):
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    frame = _frame(n)
+    write_blobs(frame["key"].tolist(), frame["image"].tolist(), tmp_path / "images.bin")
+    with BlobReader(tmp_path / "images.bin") as blobs:
+        write_webdataset(frame.drop(columns=["image"]), tmp_path / "blobs.tar", blobs=blobs)
+    write_webdataset(frame, tmp_path / "column.tar")
+    _tarfile_reference(frame, tmp_path / "tarfile.tar")
+    reference = (tmp_path / "tarfile.tar").read_bytes()
+    assert (tmp_path / "blobs.tar").read_bytes() == reference
+    assert (tmp_path / "column.tar").read_bytes() == reference
+
+
+def test_a_truncated_blob_file_is_an_error_not_a_short_image(tmp_path):
+    from tasks.io.shards import BlobReader, write_blobs
+
+    frame = _frame(2)
+    write_blobs(frame["key"].tolist(), frame["image"].tolist(), tmp_path / "images.bin")
+    with open(tmp_path / "images.bin", "r+b") as fh:
+        fh.truncate(len(frame["image"].iloc[0]) + 10)
+    with BlobReader(tmp_path / "images.bin") as blobs, pytest.raises(OSError, match="truncated"):
+        write_webdataset(frame.drop(columns=["image"]), tmp_path / "s.tar", blobs=blobs)
+
+
 def test_metadata_parquet_loads_with_datasets(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
