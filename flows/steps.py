@@ -703,7 +703,7 @@ def write(ctx: RunContext, shard: str, upstream: dict) -> dict:
         tar = ctx.root / "dataset" / f"{shard}.tar"
         meta = ctx.root / "dataset" / f"{shard}.parquet"
         with images_of(ctx, shard) as images:
-            shards.write_with(tar, lambda p: write_stage.write_webdataset(frame, p, blobs=images))
+            shards.write_with(tar, lambda p: write_stage.write_webdataset(frame, p, image_of=images.__getitem__))
         shards.write_parquet(write_stage.metadata(frame), meta)
         return {"step": "write", "shard": shard, "samples": int(len(frame)),
                 "outputs": [_rel(ctx, tar), _rel(ctx, meta)]}

@@ -90,26 +90,6 @@ class BlobReader:
             raise OSError(f"blob {key} truncated: {len(data)} of {length} bytes")
         return data
 
-    def length(self, key: str) -> int:
-        return self._where[key][1]
-
-    def copy_into(self, key: str, fd: int) -> None:
-        """Append the blob to the open file `fd` at its position, copied by the kernel (copy_file_range) where
-        the file systems allow, else through a buffer."""
-        offset, length = self._where[key]
-        done = 0
-        while done < length:
-            try:
-                n = os.copy_file_range(self._fd, fd, length - done, offset + done)
-            except (AttributeError, OSError):  # not Linux, or not between these file systems
-                data = self[key][done:]
-                while data:
-                    data = data[os.write(fd, data):]
-                return
-            if n == 0:
-                raise OSError(f"blob {key} truncated: {done} of {length} bytes")
-            done += n
-
     def close(self) -> None:
         os.close(self._fd)
 
