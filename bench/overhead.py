@@ -8,9 +8,9 @@ overhead_fraction_min, with overhead_fraction_worst: the slowest flow against th
 starts after os.sync(): the runs write gigabytes, and the kernel's writeback of one run's files would
 otherwise slow the next one's writes. Each flow run gets a new cluster and each plain run a new process, both
 warmed alike (imports, jieba's dictionary). The Prefect server's and the cluster's start-up are excluded from
-the flow time and reported apart as startup_seconds. Shards are
-generated WARC files of Chinese pages whose images are WARC records (replayed), `--shard-mb` each (default
-1000: the natural shard is one ~1 GB Common Crawl WARC). Last stdout line: one JSON object of figures.
+the flow time and reported apart as startup_seconds. Shards are generated WARC files of Chinese pages whose
+images are WARC records (replayed), `--shard-mb` each (default 1000: the natural shard is one ~1 GB Common
+Crawl WARC). Last stdout line: one JSON object of figures.
 """
 
 from __future__ import annotations

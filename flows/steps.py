@@ -193,7 +193,7 @@ def _read(ctx: RunContext, step: str, shard: str) -> pd.DataFrame:
 
 def _column(ctx: RunContext, step: str, shard: str, column: str) -> pd.Series:
     """One column of a step's kept rows: the reduces need keys or scores, not every caption and score."""
-    return pd.read_parquet(step_path(ctx, step, shard), columns=[column])[column]
+    return shards.read_parquet(step_path(ctx, step, shard), columns=[column])[column]
 
 
 @task(name="extract", task_run_name="extract-{shard}", cache_policy=NO_CACHE, retries=2,

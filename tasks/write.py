@@ -42,22 +42,13 @@ def rejects(frame: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def _header(name: str, size: int) -> bytes:
-    """A ustar header with fixed metadata (mtime 0, mode 0444, no owner names): re-runs write identical bytes."""
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o444
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-
-
-def _padding(size: int) -> bytes:
-    return tarfile.NUL * (-size % tarfile.BLOCKSIZE)
-
-
 def _member(name: str, data: bytes) -> tuple[bytes, bytes, bytes]:
-    return _header(name, len(data)), data, _padding(len(data))
+    """A ustar member (header, data, padding) with fixed metadata (mtime 0, mode 0444, no owner names), so
+    re-runs write identical bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+    padding = tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE)
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), data, padding
 
 
 def _json_value(v):
@@ -77,18 +68,15 @@ def write_webdataset(frame: pd.DataFrame, tar_path: Path, image_of: Callable[[st
     """
     meta = metadata(frame)
     images = frame["image"].tolist() if image_of is None else None
-    size = 0
     with open(tar_path, "wb") as fh:
         for i, row in enumerate(meta.to_dict("records")):
             key = row["key"]
             record = {k: _json_value(v) for k, v in row.items()}
-            chunk = b"".join((
+            fh.write(b"".join((
                 *_member(f"{key}.jpg", bytes(images[i] if images is not None else image_of(key))),
                 *_member(f"{key}.txt", row["caption"].encode("utf-8")),
                 *_member(f"{key}.json", json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")),
-            ))
-            fh.write(chunk)
-            size += len(chunk)
+            )))
         end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)  # tarfile's end of archive, padded to a whole record
-        fh.write(end + tarfile.NUL * (-(size + len(end)) % tarfile.RECORDSIZE))
+        fh.write(end + tarfile.NUL * (-(fh.tell() + len(end)) % tarfile.RECORDSIZE))
     return len(meta)

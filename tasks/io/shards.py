@@ -122,8 +122,8 @@ def read_json(path: Path):
         return None
 
 
-def read_parquet(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path)
+def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    return pd.read_parquet(path, columns=columns)
 
 
 def file_identity(path: str) -> dict:

@@ -43,7 +43,6 @@ class Record:
     _reader: object = None
     _declared: int | None = None
     truncated: bool = False
-    _undo_encodings: bool = False  # FastWARC: check the HTTP transfer/content encodings when the payload is read
     _held: bytes | None = None  # the payload read by hold(), for the next read()
 
     @property
@@ -78,11 +77,6 @@ class Record:
         if self._held is not None:
             data, self._held = self._held, None
             return data
-        if self._undo_encodings and self._reader is not None:
-            http = self._headers
-            if http.get("Transfer-Encoding") or http.get("Content-Encoding"):
-                self._reader = _decoding(self._reader, http)
-                self._declared = None  # a decoded size says nothing about truncation
         data = self._reader.read() if self._reader is not None else b""
         self._reader = None
         if self._declared is not None and len(data) < self._declared:
