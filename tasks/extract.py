@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 import pandas as pd
+import pyarrow as pa
 from selectolax.lexbor import LexborHTMLParser
 
 from schemas.contracts import row_key
@@ -451,14 +452,27 @@ def extract_selected(path: str, selected: pd.DataFrame, config: ExtractConfig = 
     return ExtractResult(_frame(rows, stats), _replay_frame([]), stats)
 
 
+_STR = pd.api.types.pandas_dtype("str")
+_ARROW_STR = isinstance(_STR, pd.StringDtype) and _STR.storage == "pyarrow"  # pandas 3's default string dtype
+
+
+def _array(values, dtype: str):
+    """pd.array(values, dtype), a string column built by pyarrow directly where "str" is arrow-backed (pandas 3):
+    the same array in half the time, without pandas' per-element check (the rows hold str or None only)."""
+    if dtype == "str" and _ARROW_STR:
+        return pd.arrays.ArrowStringArray(pa.chunked_array([pa.array(values, pa.large_string(), from_pandas=True)]),
+                                          dtype=_STR)
+    return pd.array(values, dtype=dtype)
+
+
 def _typed(rows: list[tuple], dtypes: dict[str, str]) -> pd.DataFrame:
     """A frame of `rows` (tuples in the order of `dtypes`) built column by column, each straight into its dtype.
 
-    The same frame as DataFrame.from_records(rows).astype(dtypes) in under half the time: no object frame first.
+    The same frame as DataFrame.from_records(rows).astype(dtypes) in a fraction of the time: no object frame first.
     """
     columns = zip(*rows, strict=True) if rows else [()] * len(dtypes)
-    return pd.DataFrame({name: pd.array(col, dtype=dtype) for (name, dtype), col in zip(dtypes.items(), columns,
-                                                                                       strict=True)})
+    return pd.DataFrame({name: _array(col, dtype) for (name, dtype), col in zip(dtypes.items(), columns,
+                                                                               strict=True)})
 
 
 def _frame(rows: list[tuple], stats: dict) -> pd.DataFrame:
@@ -483,25 +497,38 @@ _NO_SRC, _BAD_URL, _SVG_R, _PIXEL, _DUP = (f"{STAGE}.{r}" for r in ("no_src", "b
                                                                   "duplicate"))
 
 
+def img_and_base_nodes(tree: LexborHTMLParser) -> tuple[list, object | None]:
+    """The page's <img> elements in document order and its first <base href> (None without one), in one walk.
+
+    img and base[href] as one selector list: a second walk of the tree costs a tenth of the candidates' time (a
+    test checks they are the nodes css("img") and css_first("base[href]") find).
+    """
+    imgs, base = [], None
+    for node in tree.css("base[href], img"):
+        if node.tag != "base":
+            imgs.append(node)
+        elif base is None:
+            base = node
+    return imgs, base
+
+
 def _page_candidates(page: _Page, tree: LexborHTMLParser, snapshot: str, path: str, config: ExtractConfig,
                      rows: list[tuple]) -> None:
     """Append one row per <img> of the page: rules that need no URL first, then resolution (the costly part)."""
     page_url = page.rec.uri or ""
+    imgs, base_node = img_and_base_nodes(tree)
+    if not imgs:
+        return
     base = page_url
-    # The first <base href>, as CSS base[href] finds it (a test checks they agree). Right after the parse the tree
-    # is in cache and a tag walk costs no more than the regex search of the body for "<base" that it replaces.
-    for node in tree.tags("base"):
-        attrs = node.attributes
-        if "href" in attrs:
-            base = resolve_src(attrs["href"] or "", page_url) or page_url
-            break
+    if base_node is not None:
+        base = resolve_src(base_node.attributes["href"] or "", page_url) or page_url
     resolver = _Resolver(base)
     page_host = _host(page_url)
     offset, date = page.rec.offset, page.rec.date
     seen: set[str] = set()
     title_as_alt, pixels = config.title_as_alt, config.max_pixel_side > 0
     append, svg = rows.append, _SVG.search
-    for node in tree.tags("img"):  # the same nodes as css("img"), in document order
+    for node in imgs:
         attrs = node.attributes
         raw, attr = choose_src(attrs, config)
         alt = attrs.get("alt")

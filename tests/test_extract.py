@@ -16,7 +16,7 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from schemas.contracts import row_key
-from tasks.extract import ExtractConfig, decode_html, extract_warc, primary_language, resolve_src
+from tasks.extract import ExtractConfig, decode_html, extract_warc, img_and_base_nodes, primary_language, resolve_src
 
 BACKENDS = ("fastwarc", "warcio")
 SNAPSHOT = "CC-MAIN-2099-01"
@@ -296,14 +296,16 @@ def test_base_href_changes_the_resolution(tmp_path):
     '<base href="/x/"><svg><base href="/y/"></svg><BASE HREF=z><base>',
     "<base><head><base href=q></head><body><base href=r>", "<svg><base href=/svg/></svg><base href=/html/>",
     "<math><base href=/m/></math><base xlink:href=/xl/><base href>",
+    "<img src=a><base href=/late/><p><img src=b><base href=/later/></p><img src=c>",
 ])
-def test_tag_walks_find_what_the_css_queries_find(html):
-    """_page_candidates walks tags("img") and tags("base") for CSS's img and base[href]: the same nodes."""
+def test_one_walk_finds_what_the_separate_css_queries_find(html):
+    """One walk with a selector list finds the nodes of css("img") and css_first("base[href]")."""
     tree = LexborHTMLParser(html)
-    assert [n.attributes for n in tree.tags("img")] == [n.attributes for n in tree.css("img")]
+    imgs, base = img_and_base_nodes(tree)
+    assert [n.mem_id for n in imgs] == [n.mem_id for n in tree.css("img")]
+    assert [n.attributes for n in imgs] == [n.attributes for n in tree.tags("img")]
     first = tree.css_first("base[href]")
-    walked = next((n for n in tree.tags("base") if "href" in n.attributes), None)
-    assert (walked.mem_id if walked else None) == (first.mem_id if first else None)
+    assert (base.mem_id if base else None) == (first.mem_id if first else None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -386,6 +388,22 @@ def test_primary_language_edge_cases():
                    '{"languages":{"code":"zh"}}', '{"languages":"zh"}', '{"languages":[{}]}'):
         assert primary_language(meta(broken)) is None, broken
     assert primary_language({}) is None
+
+
+def test_frames_are_built_as_pandas_builds_them():
+    """_typed's column-wise build (pyarrow directly for strings) gives pandas' own frame, missing values included."""
+    from tasks.extract import _COLUMNS, _typed
+
+    rows = [tuple(f"{name}-{i}" if dtype == "str" else i for name, dtype in _COLUMNS.items()) for i in range(5)]
+    rows.append(tuple(None if dtype == "str" else 7 for dtype in _COLUMNS.values()))
+    rows.append(tuple("汉字\x00" if dtype == "str" else -1 for dtype in _COLUMNS.values()))
+    for some in (rows, rows[:1], []):
+        want = pd.DataFrame.from_records(some, columns=list(_COLUMNS)).astype(_COLUMNS) if some else (
+            pd.DataFrame({name: pd.array([], dtype=dtype) for name, dtype in _COLUMNS.items()}))
+        got = _typed(some, _COLUMNS)
+        assert got.dtypes.tolist() == want.dtypes.tolist()
+        pd.testing.assert_frame_equal(got, want)
+    assert _typed(rows, _COLUMNS)["url"].isna().tolist() == [False] * 5 + [True, False]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

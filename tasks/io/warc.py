@@ -208,73 +208,62 @@ if HAVE_FASTWARC:
 def _iter_fast(fh, path: str, start: int = 0) -> Iterator[Record]:
     """FastWARC's records as _FastRecord, offsets counted from `start` (where `fh` begins in the file).
 
-    Parse errors become an OSError naming the file (_guarded).
+    Parse errors become an OSError naming the file, as _guarded makes them (inlined: one generator less per record).
     """
     kinds = _FastType.warcinfo | _FastType.response | _FastType.metadata | _FastType.resource
-    names = _FAST_NAMES
+    names, resource = _FAST_NAMES, int(_FastType.resource)
     # quirks_mode: ClueWeb-era WARCs end HTTP header lines with a bare LF, which the strict parser misreads.
-    for rec in _guarded(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True), path):
-        yield _FastRecord(rec, names[int(rec.record_type)], rec.stream_pos + start)
-
-
-_UNREAD = object()
+    it = iter(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True))
+    n = 0
+    while True:
+        try:
+            rec = next(it)
+        except StopIteration:
+            return
+        except Exception as err:  # corrupt gzip member or header: FastWARC's own exception types
+            raise OSError(f"{path}: unreadable WARC data after record {n}: {err}") from err
+        n += 1
+        kind = int(rec.record_type)
+        uri = rec.headers.get(_TARGET_URI)
+        if uri and uri[0] == "<":
+            uri = _bare_uri(uri)
+        if rec.is_http:
+            mime, charset = rec.http_content_type, rec.http_charset
+            yield _FastRecord(rec, names[kind], rec.stream_pos + start, uri, rec.http_headers.status_code,
+                              mime.strip().lower() or None if mime else None,
+                              charset.strip("\"' ").lower() or None if charset else None)
+        elif kind == resource:  # a resource record's own type
+            yield _FastRecord(rec, names[kind], rec.stream_pos + start, uri, None,
+                              split_content_type(rec.headers.get("Content-Type"))[0], None)
+        else:
+            yield _FastRecord(rec, names[kind], rec.stream_pos + start, uri, None, None, None)
 
 
 class _FastRecord(Record):
-    """A FastWARC record behind Record's interface, each field taken from FastWARC's own parse when first asked.
+    """A FastWARC record behind Record's interface.
 
-    A full scan meets every record of ~1 GB files and skips ~95% of them after a look at one or two fields, so
-    nothing is built ahead: a header looked up by name costs ~0.8 µs (by FastWARC's header enum ~0.15 µs), and
-    building every field of every record was most of the scan's own time beyond FastWARC's. The fields come
-    from the WARC and HTTP header maps, which stay valid after the iteration moves on; the payload does not
-    (hold() keeps it).
+    A full scan meets every record of ~1 GB files and skips ~95% of them after a look at the fields set here
+    (type, target URI, HTTP status and Content-Type); the rest are read from FastWARC's header maps when asked,
+    which stay valid after the iteration moves on. The payload does not (hold() keeps it).
     """
 
-    __slots__ = ("_rec", "_uri", "_http", "_state")
+    __slots__ = ("_rec", "_state")
 
-    def __init__(self, rec, kind: str, offset: int):  # Record's dataclass __init__ is not called: fields are lazy
+    def __init__(self, rec, kind: str, offset: int, uri: str | None, status: int | None, mime: str | None,
+                 charset: str | None):  # Record's dataclass __init__ is not called: the other fields are lazy
         self.type = kind
         self.offset = offset
+        self.uri = uri
+        self.status = status
+        self.mime = mime
+        self.charset = charset
         self.truncated = False
         self._headers = None
         self._rec = rec
-        self._uri = _UNREAD
-        self._http = None  # (status, mime, charset) once asked
         self._state = 0  # 0: payload unread, 1: held in FastWARC's memory (frozen), 2: read
 
     def __repr__(self) -> str:
         return f"_FastRecord(type={self.type!r}, uri={self.uri!r}, offset={self.offset})"
-
-    @property
-    def uri(self) -> str | None:
-        if self._uri is _UNREAD:
-            self._uri = _bare_uri(self._rec.headers.get(_TARGET_URI))
-        return self._uri
-
-    def _http_fields(self) -> tuple[int | None, str | None, str | None]:
-        rec = self._rec
-        if rec.is_http:
-            mime, charset = rec.http_content_type, rec.http_charset
-            fields = (rec.http_headers.status_code, mime.strip().lower() or None if mime else None,
-                      charset.strip("\"' ").lower() or None if charset else None)
-        elif self.type == "resource":  # a resource record's own type
-            fields = (None, split_content_type(rec.headers.get("Content-Type"))[0], None)
-        else:
-            fields = (None, None, None)
-        self._http = fields
-        return fields
-
-    @property
-    def status(self) -> int | None:
-        return (self._http or self._http_fields())[0]
-
-    @property
-    def mime(self) -> str | None:
-        return (self._http or self._http_fields())[1]
-
-    @property
-    def charset(self) -> str | None:
-        return (self._http or self._http_fields())[2]
 
     @property
     def date(self) -> str | None:
@@ -310,13 +299,11 @@ class _FastRecord(Record):
         the ~95% of pages that are never parsed do without."""
         if self._state:
             return
-        if self._http is None:
-            self._http_fields()  # while the record is current
         rec = self._rec
-        declared = None if self._encoded() else rec.content_length  # a decoded size says nothing about truncation
+        declared = rec.content_length
         rec.freeze()  # content_length becomes the size held: smaller when the file ended early
         self._state = 1
-        if declared is not None and rec.content_length < declared:
+        if rec.content_length < declared and not self._encoded():  # a decoded size says nothing about truncation
             self.truncated = True
 
     def read(self) -> bytes:
