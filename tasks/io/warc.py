@@ -208,35 +208,22 @@ if HAVE_FASTWARC:
 def _iter_fast(fh, path: str, start: int = 0) -> Iterator[Record]:
     """FastWARC's records as _FastRecord, offsets counted from `start` (where `fh` begins in the file).
 
-    Parse errors become an OSError naming the file, as _guarded makes them (inlined: one generator less per record).
+    Parse errors become an OSError naming the file (_guarded).
     """
     kinds = _FastType.warcinfo | _FastType.response | _FastType.metadata | _FastType.resource
     names, resource = _FAST_NAMES, int(_FastType.resource)
     # quirks_mode: ClueWeb-era WARCs end HTTP header lines with a bare LF, which the strict parser misreads.
-    it = iter(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True))
-    n = 0
-    while True:
-        try:
-            rec = next(it)
-        except StopIteration:
-            return
-        except Exception as err:  # corrupt gzip member or header: FastWARC's own exception types
-            raise OSError(f"{path}: unreadable WARC data after record {n}: {err}") from err
-        n += 1
+    for rec in _guarded(_FastIterator(fh, parse_http=True, record_types=kinds, quirks_mode=True), path):
         kind = int(rec.record_type)
-        uri = rec.headers.get(_TARGET_URI)
-        if uri and uri[0] == "<":
-            uri = _bare_uri(uri)
+        status = mime = charset = None
         if rec.is_http:
-            mime, charset = rec.http_content_type, rec.http_charset
-            yield _FastRecord(rec, names[kind], rec.stream_pos + start, uri, rec.http_headers.status_code,
-                              mime.strip().lower() or None if mime else None,
-                              charset.strip("\"' ").lower() or None if charset else None)
+            status, mime, charset = rec.http_headers.status_code, rec.http_content_type, rec.http_charset
+            mime = mime.strip().lower() or None if mime else None
+            charset = charset.strip("\"' ").lower() or None if charset else None
         elif kind == resource:  # a resource record's own type
-            yield _FastRecord(rec, names[kind], rec.stream_pos + start, uri, None,
-                              split_content_type(rec.headers.get("Content-Type"))[0], None)
-        else:
-            yield _FastRecord(rec, names[kind], rec.stream_pos + start, uri, None, None, None)
+            mime = split_content_type(rec.headers.get("Content-Type"))[0]
+        yield _FastRecord(rec, names[kind], rec.stream_pos + start, _bare_uri(rec.headers.get(_TARGET_URI)), status,
+                          mime, charset)
 
 
 class _FastRecord(Record):
