@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 
 from flows import steps
+from flows.engine import RunContext, clean_temp, model_ref, shard_ids
 from flows.report import prepare_report
 from flows.runtime import commit_lock, ensure_gpu_limit, task_runner, wait_for_runs
-from flows.settings import CurateParams, LocalClusterSpec, build_config, check_config, config_dict
+from flows.settings import CurateParams, LocalClusterSpec, build_config, cc_config, check_config, config_dict, run_name
 from tasks.io import shards
 from tasks.lexicon import Lexicon
 from tasks.refine import load_stop_words
 from tasks.source import load_lists
-
-STEP_ORDER = (*steps.STEPS, "write")  # the shard steps in pipeline order, then the dataset writer
 
 
 def derive_run_id(warcs: list[str], snapshot: str | None) -> str:
@@ -27,15 +29,6 @@ def derive_run_id(warcs: list[str], snapshot: str | None) -> str:
     digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:10]
     stem = snapshot or (Path(ids[0]).name.split(".")[0] if ids else "empty")
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', stem)[:40]}-{digest}"
-
-
-def cc_config(params: CurateParams):
-    """How Common Crawl is reached: the `cc` settings, with --cc-base-url as both of its hosts."""
-    values = dict(params.config.get("cc") or {})
-    if params.cc_base_url:
-        base = params.cc_base_url.rstrip("/")
-        values.update(index_base=base, data_base=base)
-    return build_config("cc", values)
 
 
 def _local_or_url(warcs: list[str]) -> bool:
@@ -66,6 +59,16 @@ def resolve_warcs(params: CurateParams) -> list[str]:
     return params.warcs[start:] if params.warc_limit is None else params.warcs[start:start + params.warc_limit]
 
 
+# The WARC list `curate` resolved before starting servers, handed to the flow it then runs in this process, so a
+# snapshot's listing is fetched once per run. One entry, taken by the flow: nothing outlives the run.
+_CHECKED: dict[str, list[str]] = {}
+
+
+def _inputs_key(params: CurateParams) -> str:
+    fields = ("warcs", "snapshot", "warc_limit", "warc_offset", "select", "cc_base_url")
+    return shards.stable_hash([params.model_dump(mode="json", include=set(fields)), params.config])
+
+
 def check_inputs(params: CurateParams) -> list[str]:
     """The cheap checks that can fail before anything starts: settings, role names, then the inputs."""
     check_config(params.config)
@@ -83,7 +86,7 @@ def check_inputs(params: CurateParams) -> list[str]:
 
 
 def resolve_models(params: CurateParams) -> dict:
-    """role -> (name, placeholder, source); a user-named model that cannot load raises here, before any task."""
+    """role -> ResolvedModel; a user-named model that cannot load raises here, before any task."""
     from tasks.models import DEFAULT_MODELS, check_text_classifier, resolve_model
 
     resolved, checked = {}, {}
@@ -93,32 +96,30 @@ def resolve_models(params: CurateParams) -> dict:
         key = (name or DEFAULT_MODELS[role], name is not None)
         if key not in checked:
             checked[key] = resolve_model(role, name)  # logs its own fallback warning
-        r = checked[key]
-        resolved[role] = (r.name, r.placeholder, r.source)
+        resolved[role] = dataclasses.replace(checked[key], role=role)
     if params.models.get("nsfw_text"):  # optional: only a named classifier joins the source stage
         r = resolve_model("nsfw_text", params.models["nsfw_text"])
         if not r.placeholder:
             check_text_classifier(r, build_config("source", params.config.get("source")).text_nsfw_labels)
-            resolved["nsfw_text"] = (r.name, r.placeholder, r.source)
+            resolved["nsfw_text"] = r
     if params.models.get("nsfw_image"):  # image safety runs only with a model the user names (no default)
         from tasks.models import check_image_classifier
 
         r = resolve_model("nsfw_image", params.models["nsfw_image"])
         if not r.placeholder:
             check_image_classifier(r, build_config("image", params.config.get("image")).nsfw_labels)
-            resolved["nsfw_image"] = (r.name, r.placeholder, r.source)
+            resolved["nsfw_image"] = r
     for role, name in params.models.items():  # any other role named: a bad name still fails now
         if role not in resolved and name:
             resolve_model(role, name)
     return resolved
 
 
-def model_revisions(models: dict) -> dict:
-    """role -> the revision of its model (hub commit, or a local directory's fingerprint), read once per run."""
-    from tasks.models import ResolvedModel, model_revision
+def with_revisions(models: dict) -> dict:
+    """The models with their revisions (hub commit, or a local directory's fingerprint), read once per run."""
+    from tasks.models import model_revision
 
-    return {role: model_revision(ResolvedModel(role, name, placeholder, source, None))
-            for role, (name, placeholder, source) in models.items()}
+    return {role: dataclasses.replace(m, revision=model_revision(m)) for role, m in models.items()}
 
 
 def _progress(enabled: bool):
@@ -133,8 +134,6 @@ def _flow_run_name() -> str:
     """The snapshot id (or first WARC name) in the run's name, so runs read well in the UI."""
     from prefect.runtime import flow_run
 
-    from flows.ops import run_name
-
     params = flow_run.parameters.get("params")
     try:
         return run_name(params if isinstance(params, CurateParams) else CurateParams.model_validate(params or {}))
@@ -147,7 +146,9 @@ def _flow_run_name() -> str:
 def curate_snapshot(params: CurateParams, progress: bool = False) -> dict:
     """WARC files or a Common Crawl snapshot -> Chinese image-text pairs: webdataset shards, parquet metadata,
     rejects and a funnel report. At most one run per snapshot is active at a time."""
-    warcs = check_inputs(params)  # an unknown snapshot fails here, before waiting for its slot
+    warcs = _CHECKED.pop(_inputs_key(params), None)
+    if warcs is None:  # a deployment's run: an unknown snapshot fails here, before waiting for its slot
+        warcs = check_inputs(params)
     if not params.snapshot:
         return _curate(params, warcs, progress)
     from prefect.concurrency.sync import concurrency
@@ -159,75 +160,98 @@ def curate_snapshot(params: CurateParams, progress: bool = False) -> dict:
 
 
 def _curate(params: CurateParams, warcs: list[str], progress: bool) -> dict:
+    ctx = _context(params, warcs)
     log = get_run_logger()
-    models = resolve_models(params)
+    log.info("run %s: %d WARC file(s) -> %s", ctx.run_id, len(warcs), ctx.run_dir)
+    with _progress(progress) as bar:
+        batch = _submit(ctx, params, warcs)
+        results = {step: _drain(bar, step, futures) for step, futures in batch.steps.items()}
+        reduces = {name: fut.result() for name, fut in batch.reduces.items() if fut is not None}
+        # Cross-batch dedup, the dataset and the commit run one output root at a time, in commit order.
+        wait_for_runs(params.commit_after)
+        with commit_lock(ctx.lancedb):
+            search, checked, written, committed = _submit_commit(ctx, batch, reduces["lancedb"])
+            results["crossbatch"] = _drain(bar, "crossbatch", checked)
+            reduces["crossbatch"] = search.result()
+            publish = prepare_report(ctx, results, reduces)  # rendered while the dataset shards are written
+            results["write"] = _drain(bar, "write", written)
+            committed.result()
+    report = publish()
+    log.info("dataset: %s  report: %s", ctx.root / "dataset", ctx.root / "report.json")
+    return {"run_id": ctx.run_id, "run_dir": ctx.run_dir, "report": report}
+
+
+def _context(params: CurateParams, warcs: list[str]) -> RunContext:
+    """The run's context: its directory (made, and cleared of a killed task's temp files), models and configs."""
+    models = with_revisions(resolve_models(params))
     ensure_gpu_limit(params.gpu_slots)
     run_id = params.run_id or derive_run_id(warcs, params.snapshot)
     out = Path(params.out).resolve()
     run_dir = out / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    steps.clean_temp(run_dir)
-    ctx = steps.RunContext(
+    clean_temp(run_dir)
+    _write_if_changed(run_dir / "run.json", {"params": params.model_dump(), "run_id": run_id,
+                                            "models": {role: model_ref(m) for role, m in models.items()}})
+    return RunContext(
         run_dir=str(run_dir), run_id=run_id, lancedb=params.lancedb or str(out / "lancedb"),
         config={**params.config, "cc": config_dict(cc_config(params))}, models=models, fetcher=params.fetcher,
         retry_failed=params.retry_failed, max_failure_fraction=params.max_failure_fraction, snapshot=params.snapshot,
-        revisions=model_revisions(models),
     )
-    _write_if_changed(run_dir / "run.json", {"params": params.model_dump(), "models": models, "run_id": run_id})
-    log.info("run %s: %d WARC file(s) -> %s", run_id, len(warcs), run_dir)
 
-    ids = steps.shard_ids(warcs)
-    futures: dict[str, list] = {}
-    selection = steps.cc_index.submit(ctx, params.snapshot, warcs) if params.select == "index" else None
-    futures["extract"] = [steps.extract.submit(ctx, s, w, selection) for s, w in zip(ids, warcs, strict=True)]
-    rindex = steps.replay_index.submit(ctx, futures["extract"]) if params.fetcher == "replay" else None
-    futures["source"] = [steps.source.submit(ctx, s, e) for s, e in zip(ids, futures["extract"], strict=True)]
-    futures["fetch"] = [steps.fetch.submit(ctx, s, u, rindex) for s, u in zip(ids, futures["source"], strict=True)]
-    corpus = None
-    if ctx.cfg("refine").entropy_corpus == "run":  # the entropy rule's p(w) counted over this run's captions
-        corpus = steps.word_counts.submit(ctx, futures["fetch"])
-    futures["refine"] = [steps.refine.submit(ctx, s, u, corpus) for s, u in zip(ids, futures["fetch"], strict=True)]
-    futures["image"] = [steps.image.submit(ctx, s, u) for s, u in zip(ids, futures["refine"], strict=True)]
+
+@dataclass
+class _Batch:
+    """The futures of the submit phase: every shard step up to align, and the reduces between them."""
+
+    ids: list[str]
+    steps: dict[str, list] = field(default_factory=dict)  # step -> one future per shard, in pipeline order
+    reduces: dict[str, Any] = field(default_factory=dict)  # reduce name -> future (None: not run)
+
+
+def _submit(ctx: RunContext, params: CurateParams, warcs: list[str]) -> _Batch:
+    """Submit phase: stages 1-3, the in-batch reduces and align, nothing waited for."""
+    b = _Batch(shard_ids(warcs))
+    s, r = b.steps, b.reduces
+
+    def per_shard(step_task, upstream: list, *extra) -> list:
+        return [step_task.submit(ctx, shard, u, *extra) for shard, u in zip(b.ids, upstream, strict=True)]
+
+    r["cc_index"] = steps.cc_index.submit(ctx, params.snapshot, warcs) if params.select == "index" else None
+    s["extract"] = per_shard(steps.extract, warcs, r["cc_index"])
+    r["replay_index"] = steps.replay_index.submit(ctx, s["extract"]) if params.fetcher == "replay" else None
+    s["source"] = per_shard(steps.source, s["extract"])
+    s["fetch"] = per_shard(steps.fetch, s["source"], r["replay_index"])
+    # the entropy rule's p(w) counted over this run's captions
+    r["word_counts"] = steps.word_counts.submit(ctx, s["fetch"]) if ctx.cfg("refine").entropy_corpus == "run" else None
+    s["refine"] = per_shard(steps.refine, s["fetch"], r["word_counts"])
+    s["image"] = per_shard(steps.image, s["refine"])
     with _gpu_placement(params.gpu_resource):
-        futures["embed"] = [steps.embed.submit(ctx, s, u) for s, u in zip(ids, futures["image"], strict=True)]
-    lance = steps.load_lancedb.submit(ctx, futures["embed"])
-    groups = steps.dedup.submit(ctx, futures["embed"])
-    futures["diversify"] = [steps.diversify.submit(ctx, s, u, groups)
-                            for s, u in zip(ids, futures["embed"], strict=True)]
-    band = steps.fit_align_band.submit(ctx, futures["diversify"])
-    futures["align"] = [steps.align.submit(ctx, s, u, band) for s, u in zip(ids, futures["diversify"], strict=True)]
+        s["embed"] = per_shard(steps.embed, s["image"])
+    r["lancedb"] = steps.load_lancedb.submit(ctx, s["embed"])
+    r["dedup"] = steps.dedup.submit(ctx, s["embed"])
+    s["diversify"] = per_shard(steps.diversify, s["embed"], r["dedup"])
+    r["align_band"] = steps.fit_align_band.submit(ctx, s["diversify"])
+    s["align"] = per_shard(steps.align, s["diversify"], r["align_band"])
+    return b
 
-    results: dict[str, list[dict]] = {}
-    reduces: dict[str, dict] = {}
-    with _progress(progress) as bar, contextlib.ExitStack() as locked:
-        for step in STEP_ORDER:
-            if step == "crossbatch":
-                # Cross-batch dedup, the dataset and the commit run one output root at a time, in commit order.
-                reduces.update(align_band=band.result(), lancedb=lance.result(), dedup=groups.result())
-                wait_for_runs(params.commit_after)
-                locked.enter_context(commit_lock(ctx.lancedb))
-                search = steps.crossbatch_search.submit(ctx, futures["align"], futures["embed"], reduces["lancedb"])
-                futures["crossbatch"] = [steps.crossbatch.submit(ctx, s, u, search)
-                                         for s, u in zip(ids, futures["align"], strict=True)]
-                futures["write"] = [steps.write.submit(ctx, s, u)
-                                    for s, u in zip(ids, futures["crossbatch"], strict=True)]
-                done = steps.commit.submit(ctx, futures["write"], reduces["lancedb"])
-            if step == "write":  # render the report while the dataset shards are written
-                reduces["crossbatch"] = search.result()
-                for name, fut in (("replay_index", rindex), ("cc_index", selection), ("word_counts", corpus)):
-                    if fut is not None:
-                        reduces[name] = fut.result()
-                commit_report = prepare_report(ctx, results, reduces)
-            bar_id = bar.add_task(step, total=len(ids)) if bar else None
-            results[step] = []
-            for fut in futures[step]:
-                results[step].append(fut.result())  # raises the task's own error (e.g. a ContractError)
-                if bar:
-                    bar.advance(bar_id)
-        done.result()
-    report = commit_report()
-    log.info("dataset: %s  report: %s", run_dir / "dataset", run_dir / "report.json")
-    return {"run_id": run_id, "run_dir": str(run_dir), "report": report}
+
+def _submit_commit(ctx: RunContext, b: _Batch, loaded):
+    """Commit phase, under the output root's commit lock: the cross-batch search, the dataset and the commit."""
+    search = steps.crossbatch_search.submit(ctx, b.steps["align"], b.steps["embed"], loaded)
+    checked = [steps.crossbatch.submit(ctx, s, u, search) for s, u in zip(b.ids, b.steps["align"], strict=True)]
+    written = [steps.write.submit(ctx, s, u) for s, u in zip(b.ids, checked, strict=True)]
+    return search, checked, written, steps.commit.submit(ctx, written, loaded)
+
+
+def _drain(bar, step: str, futures: list) -> list:
+    """The futures' results in order, advancing the progress bar; a task's own error (a ContractError) raises."""
+    bar_id = bar.add_task(step, total=len(futures)) if bar else None
+    results = []
+    for fut in futures:
+        results.append(fut.result())
+        if bar:
+            bar.advance(bar_id)
+    return results
 
 
 def _gpu_placement(enabled: bool):
@@ -256,10 +280,15 @@ def curate(
     """Run the flow the way the CLI does: inputs checked first, then a Prefect API and a Dask cluster."""
     from flows import runtime
 
-    check_inputs(params)  # bad paths, snapshots and settings fail here, before any server or cluster starts
+    warcs = check_inputs(params)  # bad paths, snapshots and settings fail here, before any server or cluster starts
     if dask_address:
         params = params.model_copy(update={"gpu_resource": runtime.check_scheduler(dask_address)})
     out = Path(params.out)
     runner = runtime.task_runner(dask_address, cluster, out / ".dask")
-    with runtime.prefect_api(out / ".logs", out / ".prefect"):
-        return curate_snapshot.with_options(task_runner=runner)(params, progress=progress)
+    _CHECKED.clear()
+    _CHECKED[_inputs_key(params)] = warcs
+    try:
+        with runtime.prefect_api(out / ".logs", out / ".prefect"):
+            return curate_snapshot.with_options(task_runner=runner)(params, progress=progress)
+    finally:
+        _CHECKED.clear()

@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.settings import CurateParams
+from flows.settings import CurateParams, cc_config, idempotency_key, run_name
 
 DEPLOYMENT = "curate-snapshot/curate-snapshot"  # flow name / deployment name, as deployments/prefect.yaml has it
 POOLS = ("danqing-cpu", "danqing-gpu")
-
-
-def idempotency_key(params: CurateParams) -> str:
-    """One key per snapshot and run settings: triggering the same snapshot again returns the run that exists.
-
-    The snapshot id leads the key so the UI's runs read well; the hash covers everything that changes the
-    run's output (selection, models, thresholds, output root), so a deliberately different run gets its own.
-    """
-    body = params.model_dump(mode="json", exclude={"commit_after"})  # ordering, not output
-    digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return f"curate:{params.snapshot or 'warcs'}:{digest}"
-
-
-def run_name(params: CurateParams) -> str:
-    """The flow-run name: the snapshot id (or the first WARC file's name) and a short key."""
-    what = params.snapshot or (Path(params.warcs[0]).name.split(".")[0] if params.warcs else "empty")
-    return f"{what}-{idempotency_key(params)[-6:]}"
 
 
 def trigger(params: CurateParams, deployment: str = DEPLOYMENT, as_subflow: bool = False):
@@ -56,7 +37,6 @@ def _template(template: CurateParams | None) -> CurateParams:
 def curate_latest(template: CurateParams | None = None, lookback: int = 1, deployment: str = DEPLOYMENT) -> dict:
     """The newest Common Crawl snapshot (of the `lookback` newest) not yet curated under the output root,
     triggered as one curate-snapshot run; its idempotency key makes a second trigger a no-op."""
-    from flows.curate import cc_config
     from tasks.io.cc import list_crawls
 
     log = get_run_logger()
@@ -87,7 +67,6 @@ def backfill(snapshots: list[str] | None = None, first: str | None = None, last:
     """One curate-snapshot run per snapshot (a list, or the range first..last), each a child of this run."""
     from prefect.artifacts import create_markdown_artifact
 
-    from flows.curate import cc_config
     from tasks.io.cc import list_crawls
 
     template = _template(template)

@@ -28,12 +28,12 @@ def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], 
         counted = [f"{stage}.{r}" for r in built.get(stage, ())]
         dropped = {r: 0 for r in counted}
         for m in markers:
-            for reason, n in m["dropped"].items():
+            for reason, n in m.dropped.items():
                 dropped[reason] = dropped.get(reason, 0) + n
         entry = {
             "stage": stage,
-            "in": sum(m["in"] for m in first),
-            "kept": sum(m["kept"] for m in last),
+            "in": sum(m.rows_in for m in first),
+            "kept": sum(m.kept for m in last),
             "dropped": dropped,
             "not_run": [r for r in stage_reasons(stage) if r not in dropped],
         }
@@ -49,35 +49,36 @@ def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], 
     indexed = "cc_index" in reduces
     for k in ("pages_total", "pages_selected", "records_truncated", "read_errors", "pages_oversize",
               *(("bytes_read", "bytes_selected") if indexed else ())):
-        by["extract"][k] = sum(m["extra"].get(k, 0) for m in ex)
+        by["extract"][k] = sum(m.extra.get(k, 0) for m in ex)
     by["extract"]["selection"] = "index" if indexed else "scan"
     # requests made (this run's last fetch of each shard) and URLs whose failure `--retry-failed` would ask again
     for k in ("requests", "transient_failures"):
-        by["fetch"][k] = sum(m.get("extra", {}).get(k, 0) for m in results.get("fetch", []))
+        by["fetch"][k] = sum(m.extra.get(k, 0) for m in results.get("fetch", []))
     if indexed:
-        by["extract"]["index"] = reduces["cc_index"].get("extra", {})
-    embed_placeholder = ctx.models["embed"][1]
-    align_placeholder = ctx.models["align"][1]
+        by["extract"]["index"] = reduces["cc_index"].extra
+    embed_placeholder = ctx.models["embed"].placeholder
+    align_placeholder = ctx.models["align"].placeholder
     if embed_placeholder:
         by["image"]["placeholder_model"] = True
     if align_placeholder:
         by["align"]["placeholder_model"] = True
-    if ctx.models.get("tokenizer", (None, False))[1]:  # the [UNK] rule counted with the placeholder tokenizer
+    tokenizer = ctx.models.get("tokenizer")
+    if tokenizer is not None and tokenizer.placeholder:  # the [UNK] rule counted with the placeholder tokenizer
         by["refine"]["placeholder_model"] = True
     refine = ctx.cfg("refine")
     by["refine"]["thresholds"] = {"lid": refine.lid_threshold, "max_unk_tokens": refine.max_unk_tokens,
                                   "entropy": refine.entropy_threshold, "entropy_corpus": refine.entropy_corpus,
                                   "text_nsfw": refine.text_nsfw_threshold if "nsfw_text" in ctx.models else None}
-    band = reduces.get("align_band", {}).get("extra", {})
+    band = _extra(reduces, "align_band")
     by["align"]["band"] = {k: band.get(k) for k in ("low", "high", "fitted", "n", "target_removal", "low_share")}
-    by["align"]["captions_truncated"] = sum(m.get("extra", {}).get("captions_truncated", 0)
+    by["align"]["captions_truncated"] = sum(m.extra.get("captions_truncated", 0)
                                             for m in results.get("embed", []))
-    dedup = reduces.get("dedup", {}).get("extra", {})
+    dedup = _extra(reduces, "dedup")
     by["image"]["dedup"] = {k: dedup.get(k) for k in ("threshold", "method", "rows", "pairs", "groups",
                                                       "group_size_hist", "largest_group", "giant_groups")}
     if "nsfw_image" not in ctx.models:
         by["image"]["nsfw_image_model"] = None  # no default exists: image.nsfw is listed in not_run
-    xb = reduces.get("crossbatch", {}).get("extra", {})
+    xb = _extra(reduces, "crossbatch")
     by["crossbatch"]["search"] = {k: xb.get(k) for k in ("earlier_runs", "committed_rows", "queries", "matches",
                                                          "threshold", "method", "nprobes", "refine_factor",
                                                          "recall_sample", "pair_recall", "nearest_recall")}
@@ -86,12 +87,18 @@ def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], 
     return {
         "run_id": ctx.run_id,
         "stages": stages,
-        "models": {role: {"name": v[0], "placeholder": v[1], "source": v[2]} for role, v in ctx.models.items()},
-        "lancedb": reduces.get("lancedb", {}).get("extra", {}),
+        "models": {role: {"name": m.name, "placeholder": m.placeholder, "source": m.source}
+                   for role, m in ctx.models.items()},
+        "lancedb": _extra(reduces, "lancedb"),
         "shards": len(ex),
-        "samples": sum(m["kept"] for m in results.get("crossbatch", [])),  # every row crossbatch keeps is written
+        "samples": sum(m.kept for m in results.get("crossbatch", [])),  # every row crossbatch keeps is written
         "paper": {"stage_after": PAPER_STAGE_AFTER, "source": PAPER_SOURCE},
     }
+
+
+def _extra(reduces: dict, name: str) -> dict:
+    """A reduce's stats, or {} when the run has no such reduce."""
+    return reduces[name].extra if name in reduces else {}
 
 
 def render_markdown(report: dict) -> str:
@@ -252,13 +259,13 @@ def prepare_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict]
     stage("report.json", lambda p: p.write_text(json.dumps(report, indent=1, ensure_ascii=False)))
     stage("report.md", lambda p: p.write_text(md))
     stage("report.funnel.png", lambda p: plot_funnel(report, p))
-    hist = _sum_hists([m["extra"].get("word_count_hist", []) for m in results.get("source", [])])
+    hist = _sum_hists([m.extra.get("word_count_hist", []) for m in results.get("source", [])])
     src = ctx.cfg("source")
     stage("report.caption_words.png", lambda p: plot_word_counts(hist, p, src.min_words, src.max_words))
-    band = reduces.get("align_band", {}).get("extra", {})
+    band = _extra(reduces, "align_band")
     if band.get("histogram"):
         stage("report.similarity.png", lambda p: plot_similarity(band, p))
-    dedup = reduces.get("dedup", {}).get("extra", {})
+    dedup = _extra(reduces, "dedup")
     stage("report.groups.png", lambda p: plot_group_sizes(dedup.get("group_size_hist") or {}, p))
     stage("report.clusters.png", lambda p: plot_cluster_sizes(dedup.get("cluster_sizes") or [], p))
 

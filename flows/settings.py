@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import fields, is_dataclass
@@ -83,6 +84,32 @@ class CurateParams(BaseModel):
     gpu_resource: bool = Field(False, description="annotate model tasks with the Dask resource GPU=1")
     commit_after: list[str] = Field(default_factory=list, description=(
         "flow-run ids that must finish before this run commits (a backfill commits in snapshot order)"))
+
+
+def cc_config(params: CurateParams):
+    """How Common Crawl is reached: the `cc` settings, with --cc-base-url as both of its hosts."""
+    values = dict(params.config.get("cc") or {})
+    if params.cc_base_url:
+        base = params.cc_base_url.rstrip("/")
+        values.update(index_base=base, data_base=base)
+    return build_config("cc", values)
+
+
+def idempotency_key(params: CurateParams) -> str:
+    """One key per snapshot and run settings: triggering the same snapshot again returns the run that exists.
+
+    The snapshot id leads the key so the UI's runs read well; the hash covers everything that changes the
+    run's output (selection, models, thresholds, output root), so a deliberately different run gets its own.
+    """
+    body = params.model_dump(mode="json", exclude={"commit_after"})  # ordering, not output
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"curate:{params.snapshot or 'warcs'}:{digest}"
+
+
+def run_name(params: CurateParams) -> str:
+    """The flow-run name: the snapshot id (or the first WARC file's name) and a short key."""
+    what = params.snapshot or (Path(params.warcs[0]).name.split(".")[0] if params.warcs else "empty")
+    return f"{what}-{idempotency_key(params)[-6:]}"
 
 
 def build_config(section: str, values: dict[str, Any] | None):

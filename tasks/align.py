@@ -55,3 +55,13 @@ def apply_band(frame: pd.DataFrame, band: Band) -> pd.DataFrame:
     reason[(s < band.low) | (s > band.high)] = f"{STAGE}.out_of_band"
     out["drop_reason"] = reason
     return out
+
+
+SIMILARITY_BINS = 100  # the report's histogram of image-text similarity
+
+
+def score_histogram(scores: np.ndarray, band: Band, bins: int = SIMILARITY_BINS) -> dict:
+    """The report's histogram of the scores entering align, over a range that shows both edges of the band."""
+    lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (-1.0, 1.0)
+    counts, edges = np.histogram(scores, bins=bins, range=(min(lo, band.low), max(hi, band.high)))
+    return {"counts": counts.tolist(), "edges": edges.round(6).tolist()}

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from schemas.reasons import full_reason
 
@@ -502,3 +503,40 @@ def pair_recall(
     probes = _ivf_index(v, config)
     found = (probes[a] == probes[b, :1]).any(axis=1) | (probes[b] == probes[a, :1]).any(axis=1)
     return float(found.mean())
+
+
+def group_frame(keys: list[str], shards: list[str], result: DedupResult) -> pd.DataFrame:
+    """One row per vector of the run: its shard, group (the key of the group's first row), group size, whether
+    it is kept and its distance to the group's mean: what each shard's diversify step reads its rows from."""
+    key_arr = np.asarray(keys, dtype=object)
+    return pd.DataFrame({
+        "key": pd.Series(keys, dtype="str"), "shard": pd.Series(shards, dtype="str"),
+        "group_key": pd.Series(key_arr[result.group] if len(keys) else [], dtype="str"),
+        "group_size": pd.Series(result.group_size, dtype="int64"),
+        "keep": pd.Series(result.keep, dtype=bool),
+        "distance_to_mean": pd.Series(result.distance_to_mean, dtype="float32"),
+    })
+
+
+CLUSTERS = 100  # k-means clusters of the report's cluster-size curve (the paper's semantic-balance analysis)
+
+
+def cluster_sizes(vectors: np.ndarray, seed: int, clusters: int = CLUSTERS) -> list[int]:
+    """Cluster sizes, largest first, of a k-means over the image vectors (at most `clusters`, at least 5 rows a
+    cluster), trained on 50 rows a cluster: the report's view of how balanced the kept images are."""
+    k = min(clusters, len(vectors) // 5)
+    if k < 2:
+        return [len(vectors)] if len(vectors) else []
+    _, assignment = kmeans(vectors, k, seed=seed, sample=50 * k)
+    return sorted((int(c) for c in np.bincount(assignment, minlength=k)), reverse=True)
+
+
+def jsonable(obj):
+    """`obj` with numpy scalars turned into Python numbers and tuples into lists, as a marker stores it."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

@@ -124,3 +124,25 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     """Rows that are finite unit vectors (a zero, NaN or inf output is a failed row, never propagated)."""
     with np.errstate(invalid="ignore"):
         return np.isfinite(vectors).all(axis=1) & (np.abs(np.linalg.norm(vectors, axis=1) - 1.0) < UNIT_TOLERANCE)
+
+
+def stack_vectors(files: list[tuple[str, str]], keys: set[str] | None = None) -> tuple[list, list, np.ndarray]:
+    """(keys, shard ids, float32 matrix) of the vectors files `(shard, path)` in order, optionally only `keys`:
+    the embed step's vectors of a whole run (or of its survivors) for dedup and the cross-batch search."""
+    import pyarrow.parquet as pq
+
+    all_keys, all_shards, parts = [], [], []
+    for shard, path in files:
+        t = pq.read_table(path, columns=["key", "vector"])
+        k = t.column("key").to_pylist()
+        if not k:
+            continue
+        v = t.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(len(k), -1)
+        if keys is not None:
+            mask = np.fromiter((x in keys for x in k), bool, len(k))
+            k, v = [x for x, keep in zip(k, mask, strict=True) if keep], v[mask]
+        all_keys += k
+        all_shards += [shard] * len(k)
+        parts.append(np.asarray(v, np.float32))
+    dim = parts[0].shape[1] if parts else 0
+    return all_keys, all_shards, np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)

@@ -239,3 +239,15 @@ def _annotate(frame: pd.DataFrame, ledger: pd.DataFrame, images: dict[str, bytes
     for name in _FROM_LEDGER:
         out[name] = pd.Series(at[name].to_numpy(), index=out.index, dtype=_LEDGER_DTYPES[name])
     return out
+
+
+def transient_failures(ledger: pd.DataFrame) -> int:
+    """URLs of a ledger that failed transiently: what --retry-failed would fetch again."""
+    return int((ledger["transient"] & ledger["reason"].notna()).sum())
+
+
+def ledger_stats(ledger: pd.DataFrame, previous: Previous | None = None) -> dict:
+    """The fetch step's marker stats: requests made by this attempt (not the earlier one it continues) and the
+    transient failures left."""
+    asked = ledger["attempts"].sum() - (previous.ledger["attempts"].sum() if previous else 0)
+    return {"requests": int(asked), "transient_failures": transient_failures(ledger)}

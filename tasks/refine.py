@@ -318,3 +318,22 @@ def refine_text(frame: pd.DataFrame, config: RefineConfig = RefineConfig(),
         reason[failed.to_numpy(dtype=bool)] = name
     out["drop_reason"] = reason
     return out
+
+
+CORPUS_SETTINGS = ("convert", "strip_urls", "hmm")  # the settings that change which words count_corpus sees
+
+
+def corpus_table(frames: Iterable[pd.DataFrame], config: RefineConfig = RefineConfig()) -> pd.DataFrame:
+    """The run's word table (word, count; sorted by word) over every shard's captions entering refine, one shard
+    at a time: the table grows with the vocabulary, not with the rows."""
+    total: Counter = Counter()
+    for frame in frames:
+        total.update(count_corpus(frame, config))
+    words = sorted(total)
+    return pd.DataFrame({"word": pd.Series(words, dtype="str"),
+                         "count": pd.Series([total[w] for w in words], dtype="int64")})
+
+
+def corpus_from_table(table: pd.DataFrame, name: str) -> Corpus:
+    """The entropy rule's corpus from a word table written by `corpus_table`."""
+    return Corpus.from_counts(dict(zip(table["word"], table["count"], strict=True)), name)

@@ -137,3 +137,14 @@ def _hosts(frame: pd.DataFrame, host_column: str, url_column: str) -> pd.Series:
         if column in frame.columns:
             return frame[column]
     return pd.Series("", index=frame.index, dtype="str")
+
+
+HIST_MAX = 100  # caption word-count histogram: the last bin holds this many words or more
+
+
+def word_count_hist(frame: pd.DataFrame, top: int = HIST_MAX) -> list[int]:
+    """Counts of captions by word count (0..top, the last bin `top` or more) over the Chinese captions, the
+    report's caption-length plot: captions the language rule turned away have no meaningful word count."""
+    chinese = frame["drop_reason"].ne(f"{STAGE}.caption_not_chinese").fillna(True)
+    hist = frame.loc[chinese, "word_count"].clip(upper=top).value_counts().sort_index()
+    return [int(hist.get(i, 0)) for i in range(top + 1)]

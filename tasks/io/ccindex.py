@@ -235,3 +235,12 @@ def registered_domain(host: str | None) -> str | None:
     if len(labels) >= 3 and len(labels[-1]) == 2 and labels[-2] in _SECOND_LEVEL:
         return ".".join(labels[-3:])
     return ".".join(labels[-2:])
+
+
+def select_run(index_files: list[str], warcs: list[str], cfg: CCConfig | None = None) -> tuple[pd.DataFrame, dict]:
+    """The index rows of the Chinese HTML pages in a run's WARC files (one index file at a time: a snapshot's
+    whole index is far larger than memory) and how many there are: the cc_index reduce's table and stats."""
+    selected = select_chinese(index_files, warcs, cfg).reset_index(drop=True)
+    found = set(selected["warc_filename"])
+    return selected, {"index_files": len(index_files), "selected": int(len(selected)),
+                      "warcs_without_pages": int(sum(warc_key(w) not in found for w in warcs))}

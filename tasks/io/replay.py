@@ -94,3 +94,10 @@ class ReplayFetcher:
                 rec, body = read_record_at(found[0], int(found[1]))
                 self._robots[where] = Robots(rec.status, body)
         return self._robots[where]
+
+
+def merge_indexes(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """One replay index over the run's WARC files: every response record by URL, the first capture winning."""
+    index = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["url", "warc_file", "offset", "status"])
+    return index.drop_duplicates("url", keep="first")

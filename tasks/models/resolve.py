@@ -33,6 +33,7 @@ class ResolvedModel:
     placeholder: bool
     source: str  # "local" | "hub" | "modelscope" | "placeholder"
     warning: str | None  # set when a default could not be loaded and we fell back
+    revision: str | None = None  # the weights' revision (hub commit, local fingerprint), once the run has read it
 
 
 def resolve_model(role: str, name: str | None) -> ResolvedModel:

@@ -158,20 +158,21 @@ def test_rerun_rewrites_nothing_and_a_threshold_change_recomputes_downstream(sam
 def test_editing_a_list_file_recomputes_the_source_step(sample_crawl, tmp_path):
     """The step hash holds the lists' contents: same path, new contents, new result."""
     from flows import steps
+    from flows.engine import RunContext
 
     words = tmp_path / "words.txt"
     words.write_text("草地\n", encoding="utf-8")
-    ctx = steps.RunContext(run_dir=str(tmp_path / "run"), run_id="lists", lancedb=str(tmp_path / "lancedb"),
-                           config={"source": {"extra_keyword_lists": [str(words)]}})
+    ctx = RunContext(run_dir=str(tmp_path / "run"), run_id="lists", lancedb=str(tmp_path / "lancedb"),
+                     config={"source": {"extra_keyword_lists": [str(words)]}})
     extract = steps.extract.fn(ctx, "00000", str(sample_crawl.warcs[0]))
     first = steps.source.fn(ctx, "00000", extract)
-    marker = steps.marker_path(ctx, "source", "00000")
+    marker = ctx.marker_path("source", "00000")
     written = marker.stat().st_mtime_ns
     assert steps.source.fn(ctx, "00000", extract) == first and marker.stat().st_mtime_ns == written  # reused
     words.write_text("草地\n湖面\n", encoding="utf-8")
     second = steps.source.fn(ctx, "00000", extract)
-    assert second["hash"] != first["hash"]
-    assert second["dropped"]["source.text_nsfw"] > first["dropped"]["source.text_nsfw"] > 0
+    assert second.hash != first.hash
+    assert second.dropped["source.text_nsfw"] > first.dropped["source.text_nsfw"] > 0
 
 
 def test_interrupted_run_resumes_to_identical_output(sample_run, sample_crawl, tmp_path, monkeypatch):

@@ -124,6 +124,7 @@ def test_retry_failed_fetches_only_transient_failures_then_recomputes_downstream
     from dataclasses import replace
 
     from flows import steps
+    from flows.engine import RunContext
 
     hits: dict[str, int] = {}
 
@@ -142,9 +143,8 @@ def test_retry_failed_fetches_only_transient_failures_then_recomputes_downstream
                                                                                            "gone.jpg"]))
         _page_warc(tmp_path / "pages.warc.gz", [("http://www.example-zh.test/a.html",
                                                  f"<html><body><p>{CAPTION}</p>{imgs}</body></html>")])
-        ctx = steps.RunContext(run_dir=str(tmp_path / "run"), run_id="retry", lancedb=str(tmp_path / "lancedb"),
-                               config={"http": {"allow_networks": ["127.0.0.1/32"], "retries": 1,
-                                                "backoff_s": 0.01}})
+        ctx = RunContext(run_dir=str(tmp_path / "run"), run_id="retry", lancedb=str(tmp_path / "lancedb"),
+                         config={"http": {"allow_networks": ["127.0.0.1/32"], "retries": 1, "backoff_s": 0.01}})
 
         def run(context):
             extract = steps.extract.fn(context, "00000", str(tmp_path / "pages.warc.gz"))
@@ -152,8 +152,8 @@ def test_retry_failed_fetches_only_transient_failures_then_recomputes_downstream
             return fetch, steps.image.fn(context, "00000", steps.refine.fn(context, "00000", fetch))
 
         fetch, image = run(ctx)
-        assert fetch["kept"] == 1 and fetch["dropped"] == {"fetch.http_error": 2}
-        assert fetch["extra"]["transient_failures"] == 1 and fetch["extra"]["requests"] == 4  # 1 + 2 + 1
+        assert fetch.kept == 1 and fetch.dropped == {"fetch.http_error": 2}
+        assert fetch.extra["transient_failures"] == 1 and fetch.extra["requests"] == 4  # 1 + 2 + 1
         ledger = pd.read_parquet(tmp_path / "run" / "steps" / "fetch" / "00000.ledger.parquet").set_index("url")
         assert ledger.loc[f"{base}/busy.jpg", ["status", "attempts", "transient"]].tolist() == [503, 2, True]
         assert ledger.loc[f"{base}/gone.jpg", ["status", "attempts", "transient"]].tolist() == [404, 1, False]
@@ -165,8 +165,8 @@ def test_retry_failed_fetches_only_transient_failures_then_recomputes_downstream
         retried, image2 = run(replace(ctx, retry_failed=True))
         asked = {p: hits[p] - before.get(p, 0) for p in hits if hits[p] != before.get(p, 0)}
         assert asked == {"/busy.jpg": 1}  # robots.txt too was read once, by the first run's fetcher
-        assert retried["kept"] == 2 and retried["hash"] != fetch["hash"] and image2["hash"] != image["hash"]
-        assert retried["extra"]["transient_failures"] == 0 and retried["extra"]["requests"] == 1
+        assert retried.kept == 2 and retried.hash != fetch.hash and image2.hash != image.hash
+        assert retried.extra["transient_failures"] == 0 and retried.extra["requests"] == 1
         ledger = pd.read_parquet(tmp_path / "run" / "steps" / "fetch" / "00000.ledger.parquet").set_index("url")
         assert ledger.loc[f"{base}/busy.jpg", ["status", "attempts", "transient"]].tolist() == [200, 3, False]
 

@@ -88,6 +88,7 @@ def test_a_named_text_classifier_is_checked_before_any_work(tmp_path):
     from tiny_models import build_tiny_text_classifier
 
     from flows.curate import resolve_models
+    from flows.engine import model_ref
     from tasks.models import ModelLoadError
 
     w = tmp_path / "a.warc.gz"
@@ -101,4 +102,4 @@ def test_a_named_text_classifier_is_checked_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"labels \['ok', 'unsafe'\]"):
         resolve_models(CurateParams(**named))
     resolved = resolve_models(CurateParams(**named, config={"source": {"text_nsfw_labels": ["unsafe"]}}))
-    assert resolved["nsfw_text"] == (model, False, "local")
+    assert model_ref(resolved["nsfw_text"]) == (model, False, "local")
