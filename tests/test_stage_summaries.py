@@ -41,7 +41,8 @@ def test_group_frame_names_each_row_by_its_groups_first_key():
 def test_cluster_sizes_add_up_to_the_rows_and_come_largest_first():
     rng = np.random.default_rng(1)
     centres = np.eye(8)[:3]
-    vectors = np.concatenate([c + 0.01 * rng.standard_normal((n, 8)) for c, n in zip(centres, (30, 20, 10), strict=True)])
+    sizes_in = (30, 20, 10)
+    vectors = np.concatenate([c + 0.01 * rng.standard_normal((n, 8)) for c, n in zip(centres, sizes_in, strict=True)])
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     sizes = dedup.cluster_sizes(vectors.astype(np.float32), seed=0, clusters=3)
     assert sum(sizes) == 60 and sizes == sorted(sizes, reverse=True) and len(sizes) == 3
