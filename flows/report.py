@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from flows.steps import STEPS, built_rules
+from flows.pipeline import STEPS, built_rules
 from schemas.reasons import STAGES, stage_reasons
 from tasks.paper import PAPER_AFTER, PAPER_STAGE_AFTER
 from tasks.paper import SOURCE as PAPER_SOURCE

@@ -1,0 +1,49 @@
+"""The pipeline's shape: the shard steps in order, the stage and contract of each, the rules each stage runs,
+and the names of the files steps hand each other."""
+
+from __future__ import annotations
+
+from flows.engine import RunContext
+from schemas import contracts as C
+from tasks import align as align_stage
+from tasks import crossbatch as crossbatch_stage
+from tasks import extract as extract_stage
+from tasks import fetch as fetch_stage
+from tasks import image as image_stage
+from tasks import refine as refine_stage
+from tasks import source as source_stage
+
+# The reported stage each shard step counts toward, and the schema its kept rows must satisfy.
+STEPS: dict[str, tuple[str, type]] = {
+    "extract": ("extract", C.CandidateSchema),
+    "source": ("source", C.SourcedSchema),
+    "fetch": ("fetch", C.FetchedSchema),
+    "refine": ("refine", C.RefinedSchema),
+    "image": ("image", C.FilteredImageSchema),
+    "embed": ("image", C.ScoredSchema),
+    "diversify": ("image", C.DiversifiedSchema),
+    "align": ("align", C.SelectedSchema),
+    "crossbatch": ("crossbatch", C.SelectedSchema),
+}
+
+# Rules each stage has built so far; the report lists the others as not_run.
+BUILT_RULES: dict[str, tuple[str, ...]] = {
+    "extract": extract_stage.RULES,
+    "source": source_stage.RULES,
+    "fetch": fetch_stage.RULES,
+    "refine": refine_stage.RULES,
+    "image": image_stage.RULES,
+    "align": align_stage.RULES,
+    "crossbatch": crossbatch_stage.RULES,
+}
+
+LEDGER = ".ledger.parquet"  # the fetch step's per-URL outcomes: status, reason, attempts, last error, transient
+IMAGES = ".images.bin"  # the fetch step's blob file: key -> JPEG bytes of the kept rows
+VECTORS = ".vectors.parquet"  # the embed step's key -> image vector file of its kept rows
+
+
+def built_rules(ctx: RunContext) -> dict[str, tuple[str, ...]]:
+    """The rules this run ran: image safety only with an `nsfw_image` model (no default exists)."""
+    if "nsfw_image" in ctx.models:
+        return BUILT_RULES
+    return {**BUILT_RULES, "image": tuple(r for r in BUILT_RULES["image"] if r != "nsfw")}
