@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from tasks.align import AlignConfig
+from tasks.crossbatch import CrossbatchConfig
 from tasks.dedup import DedupConfig
 from tasks.embed import EmbedConfig
 from tasks.extract import ExtractConfig
@@ -18,7 +19,6 @@ from tasks.fetch import FetchConfig
 from tasks.image import ImageConfig
 from tasks.io.cc import CCConfig
 from tasks.io.http import HttpConfig
-from tasks.io.lance import SearchConfig
 from tasks.io.replay import ReplayConfig
 from tasks.refine import RefineConfig
 from tasks.source import SourceConfig
@@ -37,7 +37,7 @@ CONFIG_SECTIONS: dict[str, type] = {
     "embed": EmbedConfig,
     "dedup": DedupConfig,
     "align": AlignConfig,
-    "crossbatch": SearchConfig,
+    "crossbatch": CrossbatchConfig,
     "cc": CCConfig,
 }
 
@@ -45,6 +45,7 @@ CONFIG_SECTIONS: dict[str, type] = {
 # Old spellings still read, (section, setting) -> the (section, setting) that holds the value now.
 ALIASES: dict[tuple[str, str], tuple[str, str]] = {
     ("dedup", "nprobe"): ("dedup", "nprobes"),  # one spelling with the cross-batch search's nprobes
+    ("crossbatch", "threshold"): ("dedup", "threshold"),  # one radius: a duplicate within a batch or across
 }
 
 

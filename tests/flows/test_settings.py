@@ -49,6 +49,20 @@ def test_one_setting_under_two_spellings_with_different_values_is_a_clear_error(
         CurateParams(config={"dedup": {"nprobe": 3, "nprobes": 4}})
 
 
+def test_one_dedup_radius_serves_both_rules_and_the_old_crossbatch_spelling_reaches_it(tmp_path):
+    params = CurateParams(config={"crossbatch": {"threshold": 0.2, "nprobes": 8}})
+    assert params.config == {"crossbatch": {"nprobes": 8}, "dedup": {"threshold": 0.2}}
+    assert build_config("dedup", params.config["dedup"]).threshold == 0.2
+    assert build_config("crossbatch", params.config["crossbatch"]).nprobes == 8
+    assert not hasattr(build_config("crossbatch", {}), "threshold")  # one radius, read from dedup
+    y = tmp_path / "both.yaml"
+    y.write_text("dedup: {threshold: 0.1}\ncrossbatch: {threshold: 0.2}\n")
+    with pytest.raises(ValueError, match=r"dedup.threshold given twice.*crossbatch.threshold = 0.2"):
+        load_thresholds(str(y))
+    with pytest.raises(ValueError, match=r"section 'crossbatch'.*dedup.threshold.*another section"):
+        build_config("crossbatch", {"threshold": 0.2})  # a section alone cannot hand its value over
+
+
 def test_cli_bad_thresholds_exit_before_any_work(tmp_path, capsys):
     from flows.cli import main
 
