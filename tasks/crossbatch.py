@@ -43,8 +43,8 @@ def search_committed(table, queries: np.ndarray, run_ids: list[str], threshold: 
         return lance.no_nearest(), info
     if lance.is_indexed(table):
         found = lance.nearest_indexed(table, queries, where, config.nprobes, config.refine_factor, config.query_batch)
-        sample = np.sort(np.random.default_rng(0).choice(len(queries), size=min(config.recall_sample, len(queries)),
-                                                         replace=False))
+        rng = np.random.default_rng(0)  # the same sample on a re-run, so the report's recall figure repeats
+        sample = np.sort(rng.choice(len(queries), size=min(config.recall_sample, len(queries)), replace=False))
         exact = lance.nearest_indexed(table, queries[sample], where, config.nprobes, config.refine_factor,
                                       config.query_batch, exact=True)
         info.update(method="ann", nprobes=config.nprobes, refine_factor=config.refine_factor,
