@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - t0
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(
-        f"dedup: {seconds:.1f} s ({phases}); method {result.method}, {result.partitions} lists, nprobe {result.nprobe}"
+        f"dedup: {seconds:.1f} s ({phases}); method {result.method}, {result.partitions} lists, nprobe {result.nprobes}"
     )
     stats = result.stats
     print(
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         "groups": stats["groups"],
         "duplicates_dropped": stats["duplicates_dropped"],
         "partitions": result.partitions,
-        "nprobe": result.nprobe,
+        "nprobe": result.nprobes,  # the old spelling: these figures are compared across sessions
         "planted_within": int(within.sum()),
         "planted_within_linked": int((linked & within).sum()),
         "planted_beyond_linked": int((linked & ~within).sum()),

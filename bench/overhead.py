@@ -144,10 +144,10 @@ def plain(warcs: list[str], out: Path) -> float:
         k = align.apply_band(s, band)
         k = k[k["drop_reason"].isna()]
         v = allv[allv["key"].isin(k["key"])]
-        found, _ = lance.search_committed(table, np.stack(v["vector"].to_numpy()) if len(v) else np.zeros((0, 1)),
-                                          [r["run_id"] for r in lance.earlier_runs(uri, "plain")])
-        k = crossbatch.mark_crossbatch(k, pd.DataFrame({"key": v["key"].to_numpy()[found[0]], "match_key": found[1],
-                                                        "match_run": found[2], "match_distance": found[3]}))
+        found, _ = crossbatch.search_committed(table, np.stack(v["vector"].to_numpy()) if len(v) else np.zeros((0, 1)),
+                                               [r["run_id"] for r in lance.earlier_runs(uri, "plain")],
+                                               dedup.DedupConfig().threshold)
+        k = crossbatch.mark_crossbatch(k, crossbatch.match_frame(v["key"].to_numpy(), found))
         k = k[k["drop_reason"].isna()]
         write.write_webdataset(k, out / f"{i:05d}.tar")
         io_shards.write_parquet(write.metadata(k), out / f"{i:05d}.parquet")

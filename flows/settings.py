@@ -9,9 +9,10 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from tasks.align import AlignConfig
+from tasks.crossbatch import CrossbatchConfig
 from tasks.dedup import DedupConfig
 from tasks.embed import EmbedConfig
 from tasks.extract import ExtractConfig
@@ -19,7 +20,6 @@ from tasks.fetch import FetchConfig
 from tasks.image import ImageConfig
 from tasks.io.cc import CCConfig
 from tasks.io.http import HttpConfig
-from tasks.io.lance import SearchConfig
 from tasks.io.replay import ReplayConfig
 from tasks.refine import RefineConfig
 from tasks.source import SourceConfig
@@ -38,9 +38,32 @@ CONFIG_SECTIONS: dict[str, type] = {
     "embed": EmbedConfig,
     "dedup": DedupConfig,
     "align": AlignConfig,
-    "crossbatch": SearchConfig,
+    "crossbatch": CrossbatchConfig,
     "cc": CCConfig,
 }
+
+
+# Old spellings still read, (section, setting) -> the (section, setting) that holds the value now.
+ALIASES: dict[tuple[str, str], tuple[str, str]] = {
+    ("dedup", "nprobe"): ("dedup", "nprobes"),  # one spelling with the cross-batch search's nprobes
+    ("crossbatch", "threshold"): ("dedup", "threshold"),  # one radius: a duplicate within a batch or across
+}
+
+
+def canonical_config(config: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The config with every old spelling under its current name; one setting given under two spellings with
+    different values is a clear error."""
+    out: dict[str, dict[str, Any]] = {section: {} for section in config}
+    spelled: dict[tuple[str, str], str] = {}
+    for section, values in config.items():
+        for name, value in (values or {}).items():
+            target = ALIASES.get((section, name), (section, name))
+            held = out.setdefault(target[0], {})
+            if target[1] in held and held[target[1]] != value:
+                raise ValueError(f"{'.'.join(target)} given twice with different values: {spelled[target]} = "
+                                 f"{held[target[1]]!r} and {section}.{name} = {value!r}")
+            held[target[1]], spelled[target] = value, f"{section}.{name}"
+    return out
 
 
 class LocalClusterSpec(BaseModel):
@@ -85,6 +108,12 @@ class CurateParams(BaseModel):
     commit_after: list[str] = Field(default_factory=list, description=(
         "flow-run ids that must finish before this run commits (a backfill commits in snapshot order)"))
 
+    @field_validator("config")
+    @classmethod
+    def _current_names(cls, config: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Every stage reads its settings from here under their current names, whatever spelling was given."""
+        return canonical_config(config)
+
 
 def cc_config(params: CurateParams):
     """How Common Crawl is reached: the `cc` settings, with --cc-base-url as both of its hosts."""
@@ -113,9 +142,14 @@ def run_name(params: CurateParams) -> str:
 
 
 def build_config(section: str, values: dict[str, Any] | None):
-    """The frozen config of one section, with overrides; unknown names are a clear error."""
+    """The frozen config of one section, with overrides (old spellings read); unknown names are a clear error."""
     cls = CONFIG_SECTIONS[section]
-    values = dict(values or {})
+    config = canonical_config({section: dict(values or {})})
+    elsewhere = sorted(f"{s}.{n}" for s, moved in config.items() if s != section for n in moved)
+    if elsewhere:
+        raise ValueError(f"section {section!r}: old spelling(s) of {elsewhere}, which another section reads; "
+                         "pass the whole config through check_config")
+    values = config[section]
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -128,16 +162,19 @@ def _tuples(v):
     return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
-def check_config(config: dict[str, dict[str, Any]]) -> None:
+def check_config(config: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The config under its current names, once every section of it builds."""
     unknown = sorted(set(config) - set(CONFIG_SECTIONS))
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; known: {sorted(CONFIG_SECTIONS)}")
+    config = canonical_config(config)
     for section, values in config.items():
         build_config(section, values)
+    return config
 
 
 def load_thresholds(path: str) -> dict[str, dict[str, Any]]:
-    """A thresholds file: JSON or YAML mapping section -> field -> value."""
+    """A thresholds file: JSON or YAML mapping section -> field -> value; returned under the current names."""
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml
@@ -147,8 +184,7 @@ def load_thresholds(path: str) -> dict[str, dict[str, Any]]:
         data = json.loads(text)
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ValueError(f"{path}: expected a mapping of section -> settings")
-    check_config(data)
-    return data
+    return check_config(data)
 
 
 def config_dict(obj) -> dict:

@@ -26,7 +26,7 @@ class DedupConfig:
     threshold: float = 0.1  # cosine distance; pairs strictly closer are linked (SPEC / paper)
     exact_max_rows: int = 20_000  # at or below: exact blocked search; above: IVF search
     partitions: int | None = None  # IVF lists; None = 3 * sqrt(n) (3,000 lists of ~330 rows at 1M rows)
-    nprobe: int = 24  # lists each vector searches, its own included (pair recall 0.987 on bench/dedup.py, 1M rows)
+    nprobes: int = 24  # lists each vector searches, its own included (pair recall 0.987 on bench/dedup.py, 1M rows)
     train_rows: int | None = None  # k-means training sample; None = 50 rows a list (fewer lose recall)
     train_iters: int = 4  # k-means rounds; more changed no recall figure on the bench
     block_rows: int = 4096  # rows a side of each matmul block: a block's similarities are at most 64 MiB
@@ -44,7 +44,7 @@ class DedupResult:
     stats: dict  # group_size_hist, groups, rows_in_groups, duplicates_dropped, largest_group, giant_groups
     method: str  # "exact" or "ivf"
     partitions: int = 0  # IVF lists (0 for exact)
-    nprobe: int = 0  # lists each vector searched (0 for exact)
+    nprobes: int = 0  # lists each vector searched (0 for exact)
     seconds: dict = field(default_factory=dict)  # wall time per phase: check, index, search, keepers
     links: tuple | None = None  # (i, j, distance) of every linked pair, only when dedup(..., keep_links=True)
 
@@ -224,11 +224,11 @@ def _partitions(n: int, config: DedupConfig) -> int:
 
 
 def _ivf_index(vectors: np.ndarray, config: DedupConfig) -> np.ndarray:
-    """Per row, the `nprobe` lists it searches, nearest first: column 0 is the list it belongs to."""
+    """Per row, the `nprobes` lists it searches, nearest first: column 0 is the list it belongs to."""
     lists = _partitions(len(vectors), config)
     sample = config.train_rows or 50 * lists
     centroids, centre = _train(vectors, lists, config.train_iters, config.seed, sample, config.block_rows, centred=True)
-    return _nearest(vectors, centroids, min(config.nprobe, len(centroids)), config.block_rows, centre)[0]
+    return _nearest(vectors, centroids, min(config.nprobes, len(centroids)), config.block_rows, centre)[0]
 
 
 def _buckets(labels: np.ndarray, lists: int, block_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
@@ -423,7 +423,7 @@ def dedup(vectors: np.ndarray, config: DedupConfig = DedupConfig(), keep_links: 
     n = len(v)
     seconds["check"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    stream, method, partitions, nprobe = _links(v, config)
+    stream, method, partitions, nprobes = _links(v, config)
     seconds["index"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     parent = np.arange(n, dtype=np.int64)
@@ -469,7 +469,7 @@ def dedup(vectors: np.ndarray, config: DedupConfig = DedupConfig(), keep_links: 
         stats=stats,
         method=method,
         partitions=partitions,
-        nprobe=nprobe,
+        nprobes=nprobes,
         seconds=seconds,
         links=links,
     )
@@ -481,7 +481,7 @@ def pair_recall(
     """Share of the exact within-threshold pairs of `sample_rows` random rows that the IVF search finds.
 
     The exact pairs are each sampled row against every row (find_cross_pairs), so the figure is the recall of
-    the index dedup() builds for these vectors (same partitions, nprobe, training sample and seed), not of a
+    the index dedup() builds for these vectors (same partitions, nprobes, training sample and seed), not of a
     small index on the sample. The IVF path is forced whatever n. Since the IVF verifies every candidate
     exactly, it finds a pair (q, j) exactly when j's list is among q's probes or q's list among j's, so the
     index is built but the search is not run. 1.0 when the sample has no pair.

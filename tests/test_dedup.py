@@ -167,7 +167,7 @@ def test_ivf_finds_the_same_pairs_and_groups_as_exact_search():
     exact = dedup(v, DedupConfig(), keep_links=True)
     ivf = dedup(v, DedupConfig(exact_max_rows=0), keep_links=True)
     assert exact.method == "exact" and ivf.method == "ivf"
-    assert ivf.partitions == 164 and ivf.nprobe == 24  # 3 sqrt(n) lists, 15% of them searched
+    assert ivf.partitions == 164 and ivf.nprobes == 24  # 3 sqrt(n) lists, 15% of them searched
     assert exact.pairs == ivf.pairs > 250
     assert all(np.array_equal(a, b) for a, b in zip(exact.links[:2], ivf.links[:2], strict=True))
     assert np.allclose(exact.links[2], ivf.links[2], atol=1e-6)
@@ -195,14 +195,14 @@ def test_ivf_reads_a_memmap_and_buckets_rows_by_list_in_blocks(tmp_path):
 
 def test_pair_recall_is_the_share_of_exact_pairs_the_ivf_search_finds():
     v, _ = _cone(3000, seed=5)
-    weak = DedupConfig(exact_max_rows=0, partitions=100, nprobe=1, train_iters=1)
+    weak = DedupConfig(exact_max_rows=0, partitions=100, nprobes=1, train_iters=1)
     i, j, _ = find_pairs(v, weak)
     ei, ej, _ = find_pairs(v)
     found = len(_pairs(i, j) & _pairs(ei, ej)) / len(ei)
     assert _pairs(i, j) <= _pairs(ei, ej)  # the IVF verifies every candidate: it may miss, never invent
     assert 0.3 < found < 1.0
     assert pair_recall(v, weak, sample_rows=len(v)) == pytest.approx(found)
-    assert pair_recall(v, replace(weak, nprobe=100), sample_rows=500) == 1.0
+    assert pair_recall(v, replace(weak, nprobes=100), sample_rows=500) == 1.0
 
 
 def test_cross_pairs_are_queries_against_a_base():

@@ -3,7 +3,8 @@
 One embeddings table per model under <out>/lancedb (vectors of different models or revisions are never
 mixed), written by a single writer per run, and a `runs` table: the commit register. A run commits once its
 dataset is written: its kept rows get `committed = true`, then the run gets the next commit sequence number.
-Cross-batch dedup compares a run only with runs committed before it.
+Cross-batch dedup (tasks/crossbatch.py) compares a run only with runs committed before it; here are the
+storage and the nearest-committed-row searches it is built from.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -22,23 +22,13 @@ import pyarrow as pa
 _PK = {"lance-schema:unenforced-primary-key": "true"}
 RUNS_TABLE = "runs"
 _MODEL_KEYS = (b"danqing.model", b"danqing.revision", b"danqing.dim")
+# What a nearest-committed-row search returns: query index, key, run id and cosine distance of the nearest
+# committed row, for each query that has one (int64, object, object, float32 arrays of one length).
+Nearest = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 class TableMismatch(ValueError):
     """An embeddings table holds vectors of another model, revision or dimension: refused, never mixed."""
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """How a run's survivors are searched against the committed rows of earlier runs (cross-batch dedup)."""
-
-    threshold: float = 0.1  # cosine distance; the stage-3 redundancy radius, applied across batches (SPEC)
-    index_min_rows: int = 100_000  # an ANN index is built once the table has this many rows; exact search below
-    nprobes: int = 64  # IVF lists searched per query (STACK.md: recall needs many, with a refine step)
-    refine_factor: int = 50  # candidates re-ranked on full vectors per result
-    query_batch: int = 1024  # query vectors per search call
-    recall_sample: int = 200  # survivors whose ANN result is checked against exact search (the report's recall)
-    exact_block: int = 65_536  # committed rows per block in the exact search
 
 
 def table_name(model_name: str, dim: int) -> str:
@@ -155,11 +145,11 @@ def _retry(write, attempts: int = 8):
     return None
 
 
-def ensure_index(table, config: SearchConfig = SearchConfig()) -> dict:
-    """Build the ANN index (IVF-PQ, cosine) once the table holds `index_min_rows`; afterwards fold new rows in
+def ensure_index(table, min_rows: int) -> dict:
+    """Build the ANN index (IVF-PQ, cosine) once the table holds `min_rows`; afterwards fold new rows in
     (`optimize`). Returns what the report says about it."""
     rows = table.count_rows()
-    if rows < config.index_min_rows:
+    if rows < min_rows:
         return {"index": None, "rows": rows}
     indices = [i for i in table.list_indices() if "vector" in i.columns]
     if not indices:
@@ -173,6 +163,11 @@ def ensure_index(table, config: SearchConfig = SearchConfig()) -> dict:
         if stats is not None and stats.num_unindexed_rows:
             table.optimize()
     return {"index": "IVF_PQ", "rows": rows}
+
+
+def is_indexed(table) -> bool:
+    """The table's vectors have an ANN index (ensure_index built one)."""
+    return any("vector" in i.columns for i in table.list_indices())
 
 
 def _sub_vectors(dim: int) -> int:
@@ -238,39 +233,40 @@ def _sql(value: str) -> str:
 
 
 def committed_filter(run_ids: list[str]) -> str:
+    """The rows the runs `run_ids` wrote and kept: what a later run is compared against."""
     return f"committed = true AND run_id IN ({', '.join(_sql(r) for r in run_ids)})"
 
 
-def no_matches():
-    """The empty result of `search_committed`."""
+def no_nearest() -> Nearest:
+    """A search that found nothing."""
     return np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0, object), np.zeros(0, np.float32)
 
 
-def search_committed(table, queries: np.ndarray, run_ids: list[str], config: SearchConfig = SearchConfig()):
-    """Nearest committed row of the runs `run_ids` for each query row: (query index, key, run id, distance)
-    arrays for the queries whose nearest committed row lies within `config.threshold` (cosine distance),
-    and how the search ran ({"method", "recall", ...})."""
-    info = {"method": "none", "committed_rows": 0}
-    if not run_ids or len(queries) == 0:
-        return no_matches(), info
-    where = committed_filter(run_ids)
-    info["committed_rows"] = table.count_rows(where)
-    if not info["committed_rows"]:
-        return no_matches(), info
-    indexed = any("vector" in i.columns for i in table.list_indices())
-    if indexed:
-        found = _ann(table, queries, where, config)
-        info.update(method="ann", nprobes=config.nprobes, refine_factor=config.refine_factor,
-                    **_recall(table, queries, where, config, found))
-    else:
-        found = _exact(table, queries, where, config)
-        info.update(method="exact")
-    qi, keys, runs, dist = found
-    close = dist < config.threshold
-    return (qi[close], keys[close], runs[close], dist[close]), info
+def nearest_indexed(table, queries: np.ndarray, where: str, nprobes: int, refine_factor: int, batch: int,
+                    exact: bool = False) -> Nearest:
+    """Nearest row matching `where` per query through LanceDB's vector search, `batch` queries a call: the ANN
+    index (`nprobes` IVF lists, `refine_factor` candidates re-ranked on full vectors), or with `exact` a flat
+    scan that bypasses it (the reference an ANN result is measured against)."""
+    parts = []
+    for start in range(0, len(queries), batch):
+        chunk = queries[start:start + batch]
+        query = table.search(chunk if len(chunk) > 1 else chunk[0]).distance_type("cosine")
+        query = query.where(where, prefilter=True).select(["key", "run_id", "_distance"]).limit(1)
+        if exact:
+            query = query.bypass_vector_index()
+        else:
+            query = query.nprobes(nprobes).refine_factor(refine_factor)
+        result = query.to_arrow()
+        if "query_index" not in result.column_names:  # a single query vector comes back without it
+            result = result.append_column("query_index", pa.array(np.zeros(result.num_rows, np.int64)))
+        qi, keys, runs, dist = _nearest(result)
+        parts.append((qi + start, keys, runs, dist))
+    if not parts:
+        return no_nearest()
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
 
 
-def _nearest(result: pa.Table, n: int):
+def _nearest(result: pa.Table) -> Nearest:
     """Per query index, its nearest hit from a multi-vector search result."""
     frame = result.select(["query_index", "key", "run_id", "_distance"]).to_pandas()
     frame = frame.sort_values(["query_index", "_distance"]).drop_duplicates("query_index")
@@ -278,55 +274,21 @@ def _nearest(result: pa.Table, n: int):
             frame["_distance"].to_numpy(np.float32))
 
 
-def _ann(table, queries: np.ndarray, where: str, config: SearchConfig, exact: bool = False):
-    parts = []
-    for start in range(0, len(queries), config.query_batch):
-        batch = queries[start:start + config.query_batch]
-        query = table.search(batch if len(batch) > 1 else batch[0]).distance_type("cosine")
-        query = query.where(where, prefilter=True).select(["key", "run_id", "_distance"]).limit(1)
-        if exact:
-            query = query.bypass_vector_index()
-        else:
-            query = query.nprobes(config.nprobes).refine_factor(config.refine_factor)
-        result = query.to_arrow()
-        if "query_index" not in result.column_names:
-            result = result.append_column("query_index", pa.array(np.zeros(result.num_rows, np.int64)))
-        qi, keys, runs, dist = _nearest(result, len(batch))
-        parts.append((qi + start, keys, runs, dist))
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
-
-
-def _recall(table, queries: np.ndarray, where: str, config: SearchConfig, found) -> dict:
-    """Recall of the ANN search against exact search on a sample of the queries: of the sampled queries whose
-    exact nearest committed row lies within the threshold, the share the ANN search also found within it (same
-    row); and the share whose nearest row the ANN search got right at all."""
-    rng = np.random.default_rng(0)
-    sample = np.sort(rng.choice(len(queries), size=min(config.recall_sample, len(queries)), replace=False))
-    eq, ekeys, eruns, edist = _ann(table, queries[sample], where, config, exact=True)
-    ann = {int(q): (k, r, d) for q, k, r, d in zip(*found, strict=True)}
-    same = [ann.get(int(sample[q]), (None, None, 1.0))[:2] == (k, r) for q, k, r in zip(eq, ekeys, eruns, strict=True)]
-    close = edist < config.threshold
-    hits = [s and ann[int(sample[q])][2] < config.threshold for q, s in zip(eq[close], np.asarray(same)[close],
-                                                                            strict=True)]
-    return {"recall_sample": int(len(sample)),
-            "pair_recall": float(np.mean(hits)) if hits else None,
-            "nearest_recall": float(np.mean(same)) if same else None}
-
-
-def _exact(table, queries: np.ndarray, where: str, config: SearchConfig):
-    """Exact nearest committed row per query: blocks of committed rows against all queries (matrix products)."""
+def nearest_scan(table, queries: np.ndarray, where: str, block: int) -> Nearest:
+    """Exact nearest row matching `where` per query, without an index: `block` rows at a time against all
+    queries (matrix products on unit vectors)."""
     q = np.asarray(queries, np.float32)
     best = np.full(len(q), np.inf, np.float32)
     best_key = np.empty(len(q), object)
     best_run = np.empty(len(q), object)
-    for block in _blocks(table, where, config.exact_block):
-        vecs = block.column("vector").combine_chunks().values.to_numpy().reshape(block.num_rows, -1)
+    for rows in _blocks(table, where, block):
+        vecs = rows.column("vector").combine_chunks().values.to_numpy().reshape(rows.num_rows, -1)
         dist = 1.0 - q @ vecs.T
         arg = dist.argmin(axis=1)
         d = dist[np.arange(len(q)), arg]
         better = d < best
-        keys = np.asarray(block.column("key").to_pylist(), object)
-        runs = np.asarray(block.column("run_id").to_pylist(), object)
+        keys = np.asarray(rows.column("key").to_pylist(), object)
+        runs = np.asarray(rows.column("run_id").to_pylist(), object)
         best[better], best_key[better], best_run[better] = d[better], keys[arg[better]], runs[arg[better]]
     hit = np.isfinite(best)
     return np.flatnonzero(hit).astype(np.int64), best_key[hit], best_run[hit], best[hit]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from flows.curate import check_inputs, derive_run_id
-from flows.settings import CurateParams, build_config, load_thresholds
+from flows.settings import CurateParams, build_config, canonical_config, load_thresholds
 
 
 def test_yaml_and_json_thresholds_build_frozen_configs(tmp_path):
@@ -31,6 +31,36 @@ def test_bad_thresholds_are_clear_errors(tmp_path, content, message):
     p.write_text(json.dumps(content))
     with pytest.raises(ValueError, match=message):
         load_thresholds(str(p))
+
+
+def test_old_spellings_are_read_under_their_current_names(tmp_path):
+    assert build_config("dedup", {"nprobe": 3}).nprobes == 3
+    y = tmp_path / "old.yaml"
+    y.write_text("dedup: {nprobe: 3}\n")
+    assert load_thresholds(str(y)) == {"dedup": {"nprobes": 3}}
+    assert CurateParams(config={"dedup": {"nprobe": 3}}).config == {"dedup": {"nprobes": 3}}
+    assert canonical_config({"dedup": {"nprobe": 3, "nprobes": 3}}) == {"dedup": {"nprobes": 3}}  # agreeing
+
+
+def test_one_setting_under_two_spellings_with_different_values_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"dedup.nprobes given twice.*dedup.nprobe = 3 and dedup.nprobes = 4"):
+        build_config("dedup", {"nprobe": 3, "nprobes": 4})
+    with pytest.raises(ValueError, match="given twice"):
+        CurateParams(config={"dedup": {"nprobe": 3, "nprobes": 4}})
+
+
+def test_one_dedup_radius_serves_both_rules_and_the_old_crossbatch_spelling_reaches_it(tmp_path):
+    params = CurateParams(config={"crossbatch": {"threshold": 0.2, "nprobes": 8}})
+    assert params.config == {"crossbatch": {"nprobes": 8}, "dedup": {"threshold": 0.2}}
+    assert build_config("dedup", params.config["dedup"]).threshold == 0.2
+    assert build_config("crossbatch", params.config["crossbatch"]).nprobes == 8
+    assert not hasattr(build_config("crossbatch", {}), "threshold")  # one radius, read from dedup
+    y = tmp_path / "both.yaml"
+    y.write_text("dedup: {threshold: 0.1}\ncrossbatch: {threshold: 0.2}\n")
+    with pytest.raises(ValueError, match=r"dedup.threshold given twice.*crossbatch.threshold = 0.2"):
+        load_thresholds(str(y))
+    with pytest.raises(ValueError, match=r"section 'crossbatch'.*dedup.threshold.*another section"):
+        build_config("crossbatch", {"threshold": 0.2})  # a section alone cannot hand its value over
 
 
 def test_cli_bad_thresholds_exit_before_any_work(tmp_path, capsys):
