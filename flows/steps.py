@@ -269,7 +269,7 @@ def load_lancedb(ctx: RunContext, embeds: list[Marker]) -> Marker:
             table = lance.upsert_embeddings(ctx.lancedb, identity, ctx.run_id, ctx.snapshot or "unknown",
                                             vectors) or table
             rows += len(vectors)
-        index = lance.ensure_index(lance.open_embeddings(ctx.lancedb, identity), search) if table else {}
+        index = lance.ensure_index(lance.open_embeddings(ctx.lancedb, identity), search.index_min_rows) if table else {}
         result = {"table": table, "rows": rows, "uri": ctx.lancedb, "identity": identity, "index": index}
         shards.write_json(result, out)
         return result
@@ -346,6 +346,7 @@ def crossbatch_search(ctx: RunContext, aligns: list[Marker], embeds: list[Marker
     """Reduce (under the output root's commit lock): this run's survivors against the committed rows of every
     run committed before it, in the model's LanceDB table. Re-computed when that set of runs changes."""
     cfg = ctx.cfg("crossbatch")
+    radius = ctx.cfg("dedup").threshold  # one redundancy radius, in the batch and across batches
     table_name = loaded.extra["table"]
     earlier = [r for r in lance.earlier_runs(ctx.lancedb, ctx.run_id) if r["table"] == table_name and table_name]
 
@@ -354,16 +355,14 @@ def crossbatch_search(ctx: RunContext, aligns: list[Marker], embeds: list[Marker
         keys, _, vectors = _vectors(ctx, embeds, survivors)
         table = lance.open_embeddings(ctx.lancedb, loaded.extra["identity"], create=False) if table_name else None
         runs = [r["run_id"] for r in earlier]
-        if table is None:
-            found, info = lance.no_matches(), {"method": "none", "committed_rows": 0}
-        else:
-            found, info = lance.search_committed(table, vectors, runs, cfg)
+        found, info = crossbatch_stage.search_committed(table, vectors, runs, radius, cfg)
         matches = crossbatch_stage.match_frame(keys, found)
         shards.write_parquet(matches, out)
-        return {"earlier_runs": runs, "queries": len(keys), "matches": int(len(matches)),
-                "threshold": cfg.threshold, **info}
+        return {"earlier_runs": runs, "queries": len(keys), "matches": int(len(matches)), "threshold": radius,
+                **info}
 
-    identity = [config_dict(cfg), loaded.hash, [(r["run_id"], r["seq"]) for r in earlier], *[m.hash for m in aligns]]
+    identity = [{**config_dict(cfg), "threshold": radius}, loaded.hash, [(r["run_id"], r["seq"]) for r in earlier],
+                *[m.hash for m in aligns]]
     return run_reduce(ctx, "crossbatch", ".parquet", identity, build)
 
 

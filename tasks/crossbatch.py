@@ -96,13 +96,3 @@ def mark_crossbatch(frame: pd.DataFrame, matches: pd.DataFrame) -> pd.DataFrame:
     reason[out["key"].isin(m.index).to_numpy()] = f"{STAGE}.duplicate"
     out["drop_reason"] = reason
     return out
-
-
-def match_frame(keys: list[str], found) -> pd.DataFrame:
-    """The search's matches as a frame: key, match_key, match_run, match_distance."""
-    qi, match_key, match_run, dist = found
-    key_arr = pd.Series(keys, dtype="str").to_numpy()
-    return pd.DataFrame({"key": pd.Series(key_arr[qi], dtype="str"),
-                         "match_key": pd.Series(list(match_key), dtype="str"),
-                         "match_run": pd.Series(list(match_run), dtype="str"),
-                         "match_distance": pd.Series(dist, dtype="float64")})
