@@ -153,8 +153,8 @@ class Computed(NamedTuple):
     """What a shard step's compute returns."""
 
     frame: pd.DataFrame  # the step's rows, each with its drop_reason (NA: kept)
-    extra: dict = {}  # stats for the marker
-    frames: dict[str, pd.DataFrame] = {}  # further files to store: suffix -> frame
+    extra: dict | None = None  # stats for the marker (None: none; not a shared {} default every marker would hold)
+    frames: dict[str, pd.DataFrame] | None = None  # further files to store: suffix -> frame
 
 
 def run_shard_step(ctx: RunContext, step: str, stage: str, schema: type, shard: str, inputs: list,
@@ -194,13 +194,13 @@ def _store(ctx: RunContext, step: str, stage: str, schema: type, shard: str, res
         outputs += [ctx.rel(path), ctx.rel(index)]
     shards.write_parquet(kept, out)
     shards.write_parquet(write_stage.rejects(dropped_rows), rejects)
-    for suffix, extra_frame in result.frames.items():
+    for suffix, extra_frame in (result.frames or {}).items():
         path = ctx.step_path(step, shard, suffix)
         shards.write_parquet(extra_frame, path)
         outputs.append(ctx.rel(path))
     counts = dropped_rows["drop_reason"].value_counts().to_dict()
     return {"step": step, "stage": stage, "shard": shard, "rows_in": int(len(frame)), "kept": int(len(kept)),
-            "dropped": {str(k): int(v) for k, v in sorted(counts.items())}, "extra": result.extra,
+            "dropped": {str(k): int(v) for k, v in sorted(counts.items())}, "extra": dict(result.extra or {}),
             "outputs": tuple(outputs)}
 
 
