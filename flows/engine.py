@@ -126,8 +126,8 @@ def _digest(identity: dict) -> str:
 
 
 def read_marker(root: Path, path: Path) -> Marker | None:
-    body = shards.read_json(path)
-    return Marker.from_json(root, body) if body else None
+    body = shards.read_json(path)  # anything but a marker's body (a hand edit, say) is no marker: recompute
+    return Marker.from_json(root, body) if isinstance(body, dict) and "hash" in body else None
 
 
 def resume(ctx: RunContext, mpath: Path, identity: dict, produce: Callable[[Any], dict],
