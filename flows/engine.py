@@ -52,6 +52,14 @@ class RunContext:
     def marker_path(self, step: str, shard: str) -> Path:
         return self.step_path(step, shard, ".done.json")
 
+    def read(self, step: str, shard: str) -> pd.DataFrame:
+        """A shard step's kept rows."""
+        return shards.read_parquet(self.step_path(step, shard))
+
+    def column(self, step: str, shard: str, name: str) -> pd.Series:
+        """One column of a step's kept rows: the reduces need keys or scores, not every caption and score."""
+        return shards.read_parquet(self.step_path(step, shard), columns=[name])[name]
+
     def rel(self, path: Path) -> str:
         """Marker paths are relative to the run directory, so a run can be moved or copied whole."""
         return str(path.relative_to(self.root))

@@ -3,7 +3,7 @@ and the names of the files steps hand each other."""
 
 from __future__ import annotations
 
-from flows.engine import RunContext
+from flows.engine import Marker, RunContext, run_shard_step
 from schemas import contracts as C
 from tasks import align as align_stage
 from tasks import crossbatch as crossbatch_stage
@@ -12,6 +12,7 @@ from tasks import fetch as fetch_stage
 from tasks import image as image_stage
 from tasks import refine as refine_stage
 from tasks import source as source_stage
+from tasks.io import shards
 
 # The reported stage each shard step counts toward, and the schema its kept rows must satisfy.
 STEPS: dict[str, tuple[str, type]] = {
@@ -47,3 +48,15 @@ def built_rules(ctx: RunContext) -> dict[str, tuple[str, ...]]:
     if "nsfw_image" in ctx.models:
         return BUILT_RULES
     return {**BUILT_RULES, "image": tuple(r for r in BUILT_RULES["image"] if r != "nsfw")}
+
+
+def images_of(ctx: RunContext, shard: str) -> shards.BlobReader:
+    """The image bytes the fetch step stored for a shard, looked up by key."""
+    return shards.BlobReader(ctx.step_path("fetch", shard, IMAGES))
+
+
+def shard_step(ctx: RunContext, step: str, shard: str, inputs: list, compute, config: dict | None = None,
+               **kwargs) -> Marker:
+    """`run_shard_step` for one of STEPS, under its stage and contract."""
+    stage, schema = STEPS[step]
+    return run_shard_step(ctx, step, stage, schema, shard, inputs, compute, config, **kwargs)

@@ -18,6 +18,16 @@ log = logging.getLogger("danqing")
 SCHEDULER_TIMEOUT_S = 10
 
 
+def worker_name() -> str | None:
+    """The Dask worker running the calling task (where model tasks were placed), or None outside Dask."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except ValueError:
+        return None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

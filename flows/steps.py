@@ -9,8 +9,10 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.engine import Computed, Marker, RunContext, model_ref, resume, retry_transient, run_reduce, run_shard_step
-from flows.pipeline import IMAGES, LEDGER, STEPS, VECTORS
+from flows import models, pipeline
+from flows.engine import Computed, Marker, RunContext, resume, retry_transient, run_reduce
+from flows.pipeline import IMAGES, LEDGER, VECTORS
+from flows.runtime import worker_name
 from flows.settings import config_dict
 from schemas import contracts as C
 from tasks import align as align_stage
@@ -27,31 +29,6 @@ from tasks.io import cc as cc_source
 from tasks.io import ccindex, lance, replay, shards
 from tasks.io.http import HttpFetcher
 from tasks.io.replay import ReplayFetcher
-
-
-def shard_step(ctx: RunContext, step: str, shard: str, inputs: list, compute, config: dict | None = None,
-               **kwargs) -> Marker:
-    stage, schema = STEPS[step]
-    return run_shard_step(ctx, step, stage, schema, shard, inputs, compute, config, **kwargs)
-
-
-def _read(ctx: RunContext, step: str, shard: str) -> pd.DataFrame:
-    return shards.read_parquet(ctx.step_path(step, shard))
-
-
-def _column(ctx: RunContext, step: str, shard: str, column: str) -> pd.Series:
-    """One column of a step's kept rows: the reduces need keys or scores, not every caption and score."""
-    return shards.read_parquet(ctx.step_path(step, shard), columns=[column])[column]
-
-
-def images_of(ctx: RunContext, shard: str) -> shards.BlobReader:
-    """The image bytes the fetch step stored for a shard, looked up by key."""
-    return shards.BlobReader(ctx.step_path("fetch", shard, IMAGES))
-
-
-def _ref(ctx: RunContext, role: str):
-    """How a role's model enters a step's config hash (None when the run has none)."""
-    return model_ref(ctx.models[role]) if role in ctx.models else None
 
 
 @task(name="extract", task_run_name="extract-{shard}", cache_policy=NO_CACHE, retries=2,
@@ -72,7 +49,7 @@ def extract(ctx: RunContext, shard: str, warc: str, cc_index: Marker | None = No
         return Computed(res.candidates, res.stats, {".replay.parquet": res.replay})
 
     inputs = [shards.file_identity(warc), ctx.snapshot, cc_index.hash if cc_index else None, replay_records]
-    return shard_step(ctx, "extract", shard, inputs, compute, config_dict(cfg))
+    return pipeline.shard_step(ctx, "extract", shard, inputs, compute, config_dict(cfg))
 
 
 @task(name="cc-index", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
@@ -97,21 +74,12 @@ def source(ctx: RunContext, shard: str, upstream: Marker) -> Marker:
     lists = source_stage.load_lists(cfg)
 
     def compute():
-        frame = source_stage.select_sources(_read(ctx, "extract", shard), cfg, lists, _text_classifier(ctx))
+        frame = source_stage.select_sources(ctx.read("extract", shard), cfg, lists, models.text_classifier(ctx))
         return Computed(frame, {"word_count_hist": source_stage.word_count_hist(frame)})
 
     # The lists' contents, not only their names, and the classifier: editing either recomputes the stage.
-    config = {**config_dict(cfg), "lists": lists.fingerprint, "nsfw_text": _ref(ctx, "nsfw_text")}
-    return shard_step(ctx, "source", shard, [upstream.hash], compute, config)
-
-
-def _text_classifier(ctx: RunContext):
-    """The nsfw_text model when the run names one (loaded once per worker process), else None."""
-    if "nsfw_text" not in ctx.models:
-        return None
-    from tasks.models import load_text_classifier
-
-    return load_text_classifier(ctx.models["nsfw_text"])
+    config = {**config_dict(cfg), "lists": lists.fingerprint, "nsfw_text": models.ref(ctx, "nsfw_text")}
+    return pipeline.shard_step(ctx, "source", shard, [upstream.hash], compute, config)
 
 
 @task(name="fetch", task_run_name="fetch-{shard}", cache_policy=NO_CACHE, retries=2,
@@ -128,13 +96,13 @@ def fetch(ctx: RunContext, shard: str, upstream: Marker, replay_index: Marker | 
             fetcher = ReplayFetcher(shards.read_parquet(replay_index.output(".parquet")), transport)
         else:
             fetcher = HttpFetcher(transport)
-        frame, ledger = fetch_stage.fetch_shard(_read(ctx, "source", shard), fetcher, cfg, previous)
+        frame, ledger = fetch_stage.fetch_shard(ctx.read("source", shard), fetcher, cfg, previous)
         extra = {**fetch_stage.ledger_stats(ledger, previous), "retry_of": retry_of}
         return Computed(frame, extra, {LEDGER: ledger})
 
     inputs = [upstream.hash, ctx.fetcher, replay_index.hash if replay_index else None]
     config = {"fetch": config_dict(cfg), "transport": config_dict(transport)}
-    return shard_step(ctx, "fetch", shard, inputs, compute, config, blobs={IMAGES: "image"},
+    return pipeline.shard_step(ctx, "fetch", shard, inputs, compute, config, blobs={IMAGES: "image"},
                       policy=lambda marker: _retry_failed(ctx, marker))
 
 
@@ -146,8 +114,8 @@ def _retry_failed(ctx: RunContext, marker: Marker):
     ledger = shards.read_parquet(marker.output(LEDGER))
     if not fetch_stage.transient_failures(ledger):
         return None
-    kept = _read(ctx, "fetch", marker.shard)  # read now: the shard's files are rewritten after
-    with images_of(ctx, marker.shard) as blobs:
+    kept = ctx.read("fetch", marker.shard)  # read now: the shard's files are rewritten after
+    with pipeline.images_of(ctx, marker.shard) as blobs:
         by_url = {url: blobs[key] for url, key in zip(kept["url"], kept["key"], strict=True)}
     return marker.hash, fetch_stage.Previous(ledger, by_url.get)
 
@@ -170,7 +138,7 @@ def word_counts(ctx: RunContext, fetches: list[Marker]) -> Marker:
     cfg = ctx.cfg("refine")
 
     def build(out: Path) -> dict:
-        table = refine_stage.corpus_table((_read(ctx, "fetch", m.shard) for m in fetches), cfg)
+        table = refine_stage.corpus_table((ctx.read("fetch", m.shard) for m in fetches), cfg)
         shards.write_parquet(table, out)
         return {"words": len(table), "tokens": int(table["count"].sum())}
 
@@ -182,74 +150,45 @@ def word_counts(ctx: RunContext, fetches: list[Marker]) -> Marker:
 def refine(ctx: RunContext, shard: str, upstream: Marker, corpus: Marker | None = None) -> Marker:
     """Stage 2 on one shard; `corpus` is the run's word table (the word-counts reduce) when the config asks."""
     cfg = ctx.cfg("refine")
-    resources = refine_resources(ctx, cfg, corpus)
+    resources = models.refine_resources(ctx, cfg, corpus)
 
     def compute():
-        resources.classifier = _text_classifier(ctx)
-        return Computed(refine_stage.refine_text(_read(ctx, "fetch", shard), cfg, resources))
+        resources.classifier = models.text_classifier(ctx)
+        return Computed(refine_stage.refine_text(ctx.read("fetch", shard), cfg, resources))
 
-    config = {**config_dict(cfg), **resources.fingerprint, "tokenizer": _ref(ctx, "tokenizer"),
-              "nsfw_text": _ref(ctx, "nsfw_text")}
-    return shard_step(ctx, "refine", shard, [upstream.hash, corpus.hash if corpus else None], compute, config)
-
-
-def refine_resources(ctx: RunContext, cfg, corpus: Marker | None = None) -> refine_stage.RefineResources:
-    """The lists, corpus and [UNK] counter of the run's refine config; models load only when a shard computes."""
-    table = None
-    if corpus is not None:
-        table = refine_stage.corpus_from_table(shards.read_parquet(corpus.output(".parquet")), corpus.hash)
-    count_unknown = None
-    tokenizer = ctx.models.get("tokenizer")
-    if tokenizer is not None and not tokenizer.placeholder:
-        from tasks.models import count_unknown_tokens
-
-        count_unknown = lambda texts: count_unknown_tokens(tokenizer, texts)  # noqa: E731
-    return refine_stage.load_resources(cfg, count_unknown, corpus=table)
+    config = {**config_dict(cfg), **resources.fingerprint, "tokenizer": models.ref(ctx, "tokenizer"),
+              "nsfw_text": models.ref(ctx, "nsfw_text")}
+    return pipeline.shard_step(ctx, "refine", shard, [upstream.hash, corpus.hash if corpus else None], compute, config)
 
 
 @task(name="image", task_run_name="image-{shard}", cache_policy=NO_CACHE)
 def image(ctx: RunContext, shard: str, upstream: Marker) -> Marker:
     cfg = ctx.cfg("image")
-    return shard_step(ctx, "image", shard, [upstream.hash],
-                      lambda: Computed(image_stage.filter_images(_read(ctx, "refine", shard), cfg)), config_dict(cfg))
+    return pipeline.shard_step(ctx, "image", shard, [upstream.hash],
+                      lambda: Computed(image_stage.filter_images(ctx.read("refine", shard), cfg)), config_dict(cfg))
 
 
 @task(name="embed", task_run_name="embed-{shard}", cache_policy=NO_CACHE, tags=["gpu"])
 def embed(ctx: RunContext, shard: str, upstream: Marker) -> Marker:
     """Model work on one shard, each image decoded once: its vector (embed role), its image-text cosine (align
     role) and, with an `nsfw_image` model, its safety class. Runs where the `gpu` tag and resource allow."""
-    from tasks.models import load_image_classifier, load_model
-
     cfg = ctx.cfg("embed")
     labels = ctx.cfg("image").nsfw_labels
-    roles = ctx.models
 
     def compute():
-        embed_model = load_model(roles["embed"])
-        same = model_ref(roles["align"]) == model_ref(roles["embed"])
-        align_model = embed_model if same else load_model(roles["align"])
-        nsfw = load_image_classifier(roles["nsfw_image"]) if "nsfw_image" in roles else None
-        with images_of(ctx, shard) as images:
-            scored, vectors = embed_stage.embed_pairs(_read(ctx, "image", shard), embed_model, align_model, cfg,
+        embed_model, align_model = models.embedders(ctx)
+        nsfw = models.image_classifier(ctx)
+        with pipeline.images_of(ctx, shard) as images:
+            scored, vectors = embed_stage.embed_pairs(ctx.read("image", shard), embed_model, align_model, cfg,
                                                       image_of=images.__getitem__, nsfw_model=nsfw,
                                                       nsfw_labels=labels if nsfw else ())
         vectors, _ = C.validate(C.EmbeddingSchema, vectors, "image", 0.0)
-        extra = {"identity": dict(embed_model.identity), "worker": _worker_name(),
+        extra = {"identity": dict(embed_model.identity), "worker": worker_name(),
                  "captions_truncated": int(scored["caption_truncated"].sum())}
         return Computed(scored, extra, {VECTORS: vectors})
 
     inputs = [upstream.hash, *(ctx.model_key(role) for role in ("embed", "align", "nsfw_image"))]
-    return shard_step(ctx, "embed", shard, inputs, compute, {**config_dict(cfg), "nsfw_labels": labels})
-
-
-def _worker_name() -> str | None:
-    """The Dask worker running this task (where model tasks were placed), or None outside Dask."""
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().name)
-    except ValueError:
-        return None
+    return pipeline.shard_step(ctx, "embed", shard, inputs, compute, {**config_dict(cfg), "nsfw_labels": labels})
 
 
 def _vectors(ctx: RunContext, embeds: list[Marker], keys: set[str] | None = None):
@@ -305,13 +244,13 @@ def diversify(ctx: RunContext, shard: str, upstream: Marker, groups: Marker) -> 
     nsfw = "nsfw_image" in ctx.models
 
     def compute():
-        frame = _read(ctx, "embed", shard)
+        frame = ctx.read("embed", shard)
         frame["drop_reason"] = pd.Series(pd.NA, index=frame.index, dtype="str")
         mine = pd.read_parquet(groups.output(".parquet"), filters=[("shard", "==", shard)])
         frame = image_stage.mark_duplicates(frame, mine)
         return Computed(image_stage.mark_nsfw(frame) if nsfw else frame)
 
-    return shard_step(ctx, "diversify", shard, [upstream.hash, groups.hash, nsfw], compute)
+    return pipeline.shard_step(ctx, "diversify", shard, [upstream.hash, groups.hash, nsfw], compute)
 
 
 @task(name="fit-align-band", cache_policy=NO_CACHE)
@@ -323,7 +262,7 @@ def fit_align_band(ctx: RunContext, diversified: list[Marker]) -> Marker:
     model = ctx.models["align"]
 
     def build(out: Path) -> dict:
-        parts = [_column(ctx, "diversify", m.shard, "align_cosine") for m in diversified]
+        parts = [ctx.column("diversify", m.shard, "align_cosine") for m in diversified]
         scores = pd.concat(parts).to_numpy(np.float64) if parts else np.zeros(0)
         band = align_stage.choose_band(scores, cfg, model.name, model.placeholder)
         result = {**config_dict(band), "target_removal": cfg.target_removal, "low_share": cfg.low_share}
@@ -337,8 +276,8 @@ def fit_align_band(ctx: RunContext, diversified: list[Marker]) -> Marker:
 @task(name="align", task_run_name="align-{shard}", cache_policy=NO_CACHE)
 def align(ctx: RunContext, shard: str, upstream: Marker, band: Marker) -> Marker:
     fitted = align_stage.Band(**{k: band.extra[k] for k in ("low", "high", "fitted", "n")})
-    return shard_step(ctx, "align", shard, [upstream.hash, band.hash],
-                      lambda: Computed(align_stage.apply_band(_read(ctx, "diversify", shard), fitted)))
+    return pipeline.shard_step(ctx, "align", shard, [upstream.hash, band.hash],
+                      lambda: Computed(align_stage.apply_band(ctx.read("diversify", shard), fitted)))
 
 
 @task(name="crossbatch-search", cache_policy=NO_CACHE)
@@ -351,7 +290,7 @@ def crossbatch_search(ctx: RunContext, aligns: list[Marker], embeds: list[Marker
     earlier = [r for r in lance.earlier_runs(ctx.lancedb, ctx.run_id) if r["table"] == table_name and table_name]
 
     def build(out: Path) -> dict:
-        survivors = {k for m in aligns for k in _column(ctx, "align", m.shard, "key")}
+        survivors = {k for m in aligns for k in ctx.column("align", m.shard, "key")}
         keys, _, vectors = _vectors(ctx, embeds, survivors)
         table = lance.open_embeddings(ctx.lancedb, loaded.extra["identity"], create=False) if table_name else None
         runs = [r["run_id"] for r in earlier]
@@ -371,11 +310,11 @@ def crossbatch(ctx: RunContext, shard: str, upstream: Marker, search: Marker) ->
     """`crossbatch.duplicate` on one shard, from the crossbatch search reduce."""
 
     def compute():
-        frame = _read(ctx, "align", shard)
+        frame = ctx.read("align", shard)
         matches = shards.read_parquet(search.output(".parquet"))
         return Computed(crossbatch_stage.mark_crossbatch(frame, matches[matches["key"].isin(frame["key"])]))
 
-    return shard_step(ctx, "crossbatch", shard, [upstream.hash, search.hash], compute)
+    return pipeline.shard_step(ctx, "crossbatch", shard, [upstream.hash, search.hash], compute)
 
 
 @task(name="write", task_run_name="write-{shard}", cache_policy=NO_CACHE)
@@ -383,10 +322,10 @@ def write(ctx: RunContext, shard: str, upstream: Marker) -> Marker:
     """The dataset shard: <run>/dataset/<shard>.tar (webdataset) and <shard>.parquet (metadata)."""
 
     def produce(_prior) -> dict:
-        frame = _read(ctx, "crossbatch", shard)
+        frame = ctx.read("crossbatch", shard)
         tar = ctx.root / "dataset" / f"{shard}.tar"
         meta = ctx.root / "dataset" / f"{shard}.parquet"
-        with images_of(ctx, shard) as images:
+        with pipeline.images_of(ctx, shard) as images:
             shards.write_with(tar, lambda p: write_stage.write_webdataset(frame, p, image_of=images.__getitem__))
         shards.write_parquet(write_stage.metadata(frame), meta)
         return {"step": "write", "shard": shard, "samples": int(len(frame)), "outputs": (ctx.rel(tar), ctx.rel(meta))}
@@ -400,7 +339,7 @@ def commit(ctx: RunContext, writes: list[Marker], loaded: Marker) -> Marker:
     next place in the commit order. Exactly once: the register is checked before anything is marked."""
 
     def build(out: Path) -> dict:
-        kept = [k for m in writes for k in _column(ctx, "crossbatch", m.shard, "key")]
+        kept = [k for m in writes for k in ctx.column("crossbatch", m.shard, "key")]
         result = lance.commit_run(ctx.lancedb, loaded.extra["table"], ctx.run_id, ctx.snapshot, kept)
         shards.write_json(result, out)
         return result
