@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from schemas.reasons import REASONS
+
 STAGE = "align"
-RULES = ("out_of_band",)
+RULES = REASONS[STAGE]
 PAPER_MODEL = "OFA-Sys/chinese-clip-vit-large-patch14"
 PAPER_BAND = (0.231, 0.438)  # cosine = 1 - L2^2 / 2 for the paper's L2 band [1.06, 1.24]
 

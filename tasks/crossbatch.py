@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from schemas.reasons import REASONS
 from tasks.io import lance
 from tasks.io.lance import Nearest
 
 STAGE = "crossbatch"
-RULES = ("duplicate",)
+RULES = REASONS[STAGE]
 
 
 @dataclass(frozen=True)

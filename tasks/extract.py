@@ -13,12 +13,13 @@ import pyarrow as pa
 from selectolax.lexbor import LexborHTMLParser
 
 from schemas.contracts import row_key
+from schemas.reasons import REASONS
 from tasks.io.warc import Record, iter_records, next_member
 from tasks.io.warc import parse_fields as parse_metadata  # languages-cld2, charset-detected, ...
 from tasks.text import is_mostly_chinese
 
 STAGE = "extract"
-RULES = ("no_src", "bad_url", "svg", "tracking_pixel", "duplicate")
+RULES = REASONS[STAGE]
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
 _WS = re.compile(r"[\t\n\r]")

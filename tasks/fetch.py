@@ -13,10 +13,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from schemas.reasons import REASONS
 from tasks.io.http import FetchResult
 
 STAGE = "fetch"
-RULES = ("http_error", "timeout", "too_large", "not_image", "decode_error", "opt_out", "robots", "blocked_address")
+RULES = REASONS[STAGE]
 
 # Magic bytes -> MIME: Content-Type headers lie too often to be trusted.
 _MAGIC = (

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from schemas.reasons import REASONS
 from tasks.models.classify import NSFW_IMAGE_LABELS
 
 STAGE = "image"
 # the quality rules (filter_images), then the embed step's failures and the diversification rules
-RULES = ("geometry", "low_texture", "blur", "low_entropy", "embed_error", "duplicate", "nsfw")
+RULES = REASONS[STAGE]
 
 
 @dataclass(frozen=True)

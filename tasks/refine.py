@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from schemas.reasons import REASONS
 from tasks.calibrate import Chain, ScoredRule
 from tasks.lexicon import Lexicon, normalise_text, read_list
 from tasks.paper import paper_removal
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from tasks.models import TextClassifier
 
 STAGE = "refine"
-RULES = ("lid", "stop_words", "no_noun", "unk_tokens", "low_entropy", "text_safety")  # SPEC's order; first failed wins
+RULES = REASONS[STAGE]  # SPEC's order; a row takes the first rule it fails
 # Per-row scores, stored with kept rows and rejects alike, so `danqing calibrate` can refit without a re-run.
 SCORE_COLUMNS = ("lid_score", "stop_only", "has_noun", "unk_tokens", "word_entropy", "safety_keyword",
                  "text_nsfw_score")

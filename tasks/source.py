@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from schemas.reasons import REASONS
 from tasks.lexicon import Lexicon
 from tasks.sites import SiteBlacklist
 from tasks.text import is_mostly_chinese
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from tasks.models import TextClassifier
 
 STAGE = "source"
-RULES = ("caption_not_chinese", "text_nsfw", "blacklisted_site", "word_count")  # SPEC's order; a row: the first failed
+RULES = REASONS[STAGE]  # SPEC's order; a row takes the first rule it fails
 _SPACE = re.compile(r"\s+")
 _LISTS = ("keyword_lists", "extra_keyword_lists", "text_nsfw_labels", "site_blacklists", "extra_site_blacklists")
 
