@@ -794,7 +794,7 @@ def index_figures(work: Path, warc: Path, full, repeat: int) -> dict:
     import shutil
 
     from tasks.extract import extract_selected
-    from tasks.io.cc import CCConfig
+    from tasks.io.ccconfig import CCConfig
     from tasks.io.ccindex import select_chinese
 
     if str(ROOT / "tests") not in sys.path:

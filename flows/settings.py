@@ -18,7 +18,7 @@ from tasks.embed import EmbedConfig
 from tasks.extract import ExtractConfig
 from tasks.fetch import FetchConfig
 from tasks.image import ImageConfig
-from tasks.io.cc import CCConfig
+from tasks.io.ccconfig import CCConfig
 from tasks.io.http import HttpConfig
 from tasks.io.replay import ReplayConfig
 from tasks.refine import RefineConfig

@@ -425,7 +425,7 @@ def extract_selected(path: str, selected: pd.DataFrame, config: ExtractConfig = 
     `read_errors` (first error in `read_error`); the others still come. `pages_total`: the HTML captures of the
     file according to the index (the full scan's pages_total), when known.
     """
-    from tasks.io.cc import RangeStats
+    from tasks.io.ranges import RangeStats
     from tasks.io.warc import read_records_at
 
     stats = _new_stats()

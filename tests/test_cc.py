@@ -1,5 +1,5 @@
-"""Tests for tasks.io.cc and tasks.io.ccindex (and the remote side of tasks.io.warc) against a local server in
-Common Crawl's layout, built around the real CC-MAIN-2020-34 excerpt."""
+"""Tests for Common Crawl access (tasks.io.cc, ccconfig, cchttp, stream, ranges and ccindex, and the remote side of
+tasks.io.warc) against a local server in Common Crawl's layout, built around the real CC-MAIN-2020-34 excerpt."""
 
 from __future__ import annotations
 
@@ -13,24 +13,11 @@ import pytest
 from _fixtures import fixture_path
 from cc_server import CRAWL, OTHER_CRAWL, build_layout, serve
 
-from tasks.io.cc import (
-    BAD_RANGE,
-    PAST_END,
-    TRUNCATED,
-    UNREADABLE,
-    CCConfig,
-    RangeStats,
-    check_snapshot,
-    coalesce,
-    index_paths,
-    list_crawls,
-    open_stream,
-    pick,
-    read_records,
-    resolve,
-    warc_paths,
-)
+from tasks.io.cc import check_snapshot, index_paths, list_crawls, pick, warc_paths
+from tasks.io.ccconfig import CCConfig, resolve
 from tasks.io.ccindex import SCHEMA, cld2_languages, registered_domain, select_chinese
+from tasks.io.ranges import BAD_RANGE, PAST_END, TRUNCATED, UNREADABLE, RangeStats, coalesce, read_records
+from tasks.io.stream import open_stream
 from tasks.io.warc import BAD_MEMBER, iter_member_records, iter_records, read_records_at
 
 FAST = {"retries": 3, "backoff_s": 0.001, "backoff_max_s": 0.005}  # retry policy of every test: no real waits

@@ -206,7 +206,7 @@ def test_file_cut_mid_record_ends_without_error(tmp_path, backend):
 
 
 def test_unsupported_schemes_and_remote_seeks_are_refused():
-    # http(s) and s3 URLs stream through tasks.io.cc (tests/tasks/test_cc.py); other schemes are refused.
+    # http(s) and s3 URLs stream through tasks.io.stream (tests/test_cc.py); other schemes are refused.
     with pytest.raises(ValueError, match="unsupported URL scheme"):
         list(iter_records("ftp://example.test/file.warc.gz"))
     with pytest.raises(ValueError, match="read_records"):

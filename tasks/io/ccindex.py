@@ -15,7 +15,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pyarrow import fs
 
-from tasks.io.cc import CCConfig, RangeFile, resolve, s3_filesystem
+from tasks.io.ccconfig import CCConfig, resolve
+from tasks.io.ranges import RangeFile
+from tasks.io.stream import s3_filesystem
 from tasks.io.warc import parse_fields, split_content_type
 
 # Columns read and written, typed as in Common Crawl's published schema. `crawl` and `subset` are partitions:

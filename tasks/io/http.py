@@ -2,9 +2,7 @@
 
 import asyncio
 import concurrent.futures
-import email.utils
 import ipaddress
-import random
 import socket
 import time
 from collections import defaultdict
@@ -27,6 +25,7 @@ from tasks.io.polite import (
     robots_agent,
     robots_url,
 )
+from tasks.io.retry import backoff_s, is_transient_error, is_transient_web_status, retry_after_s
 
 HTTP_ERROR = "fetch.http_error"
 TIMEOUT = "fetch.timeout"
@@ -268,7 +267,8 @@ class HttpFetcher:
             self._count_failure(host, result)
             if attempt > cfg.retries:
                 break
-            delay = cfg.backoff_s * 2 ** (attempt - 1) * (1 + random.random())
+            # backoff_s is the shortest first wait (HttpConfig), so the policy's step, half of it jitter, is twice it
+            delay = backoff_s(attempt - 1, 2 * cfg.backoff_s)
             if result.retry_after is not None:
                 if result.retry_after > cfg.max_retry_after_s:
                     break
@@ -311,9 +311,7 @@ class HttpFetcher:
                 return _failed(url, BLOCKED_ADDRESS, str(exc.os_error), attempts=0)
             return _failed(url, *self._classify(exc), trail.status, trail.headers)
         except _NETWORK_ERRORS as exc:
-            reason, detail = self._classify(exc)
-            transient = reason == TIMEOUT or _transient_error(exc)
-            return _failed(url, reason, detail, trail.status, trail.headers, transient=transient)
+            return _failed(url, *self._classify(exc), trail.status, trail.headers, transient=_transient_error(exc))
 
     async def _follow(self, call: _Call, url: str, trail: _Trail) -> FetchResult:
         """One attempt: each hop checked (address, robots) before it is requested, redirects followed by hand."""
@@ -396,9 +394,9 @@ class HttpFetcher:
     async def _answer(self, url: str, resp: aiohttp.ClientResponse, headers: dict[str, str]) -> FetchResult:
         cfg = self.config
         if not 200 <= resp.status < 300:  # first: error pages often say noindex, and they are errors
-            transient = resp.status == 429 or resp.status >= 500
-            return _failed(url, HTTP_ERROR, f"HTTP {resp.status}", resp.status, headers, transient=transient,
-                           retry_after=_retry_after(headers.get("retry-after")))
+            return _failed(url, HTTP_ERROR, f"HTTP {resp.status}", resp.status, headers,
+                           transient=is_transient_web_status(resp.status),
+                           retry_after=retry_after_s(headers.get("retry-after")))
         if cfg.opt_out:
             directive = opted_out(headers, self._agent)
             if directive is not None:  # decided on the headers: the body is never read
@@ -430,10 +428,11 @@ class HttpFetcher:
 
 
 def _transient_error(exc: BaseException) -> bool:
-    """Connection failures worth another try: refused, reset, dropped. Bad URLs and DNS misses are not."""
+    """The retry policy's transient errors (refused, reset, timed out) and aiohttp's dropped connections and cut
+    bodies; bad URLs and DNS misses are not (none of them is a TimeoutError, so every TIMEOUT is transient)."""
     if isinstance(exc, aiohttp.ClientConnectorDNSError | aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
         return False
-    return isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | ConnectionError)
+    return isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError) or is_transient_error(exc)
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes | None:
@@ -444,20 +443,6 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes | None:
         if len(body) > cap:
             return None
     return bytes(body)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _origin(url: str) -> tuple:

@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.io.cc import CCConfig, RangeStats, open_stream, read_records
+from tasks.io.ccconfig import CCConfig
+from tasks.io.ranges import RangeStats, read_records
+from tasks.io.stream import open_stream
 
 log = logging.getLogger("danqing.warc")
 
@@ -180,7 +182,7 @@ def next_member(path: str, after: int, cc: CCConfig | None = None, window: int =
 def iter_member_records(data: bytes, offset: int, source: str = "", backend: str = "auto") -> Iterator[Record]:
     """The records of gzip members read by byte range from `offset` of a WARC file, with their true offsets.
 
-    For index-selected records (tasks.io.cc.read_records): data that does not inflate, or holds no record,
+    For index-selected records (tasks.io.ranges.read_records): data that does not inflate, or holds no record,
     raises an OSError naming `source` and the offset, so the caller can make it that record's error alone.
     """
     where = f"{source or 'WARC'} at byte {offset}"
@@ -407,7 +409,7 @@ def _strict_gzip_reader(fh, path: str):
 def read_record_at(path: str, offset: int, backend: str = "auto") -> tuple[Record, bytes]:
     """The record starting at `offset` of a local file (each record is its own gzip member) and its payload.
 
-    Remote records are read by range instead: tasks.io.cc.read_records, then iter_member_records.
+    Remote records are read by range instead: tasks.io.ranges.read_records, then iter_member_records.
     """
     if "://" in path:
         raise ValueError(f"read_record_at reads local files; read_records + iter_member_records read {path}")
