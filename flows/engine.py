@@ -15,6 +15,7 @@ from flows.settings import build_config
 from schemas import contracts as C
 from tasks import write as write_stage
 from tasks.io import shards
+from tasks.io.retry import is_transient_error
 from tasks.models import ResolvedModel
 
 CODE_VERSION = version("danqing")  # part of every step hash: a release that changes behaviour recomputes
@@ -223,15 +224,12 @@ def run_reduce(ctx: RunContext, name: str, suffix: str, inputs: list, build: Cal
     return resume(ctx, ctx.root / "reduce" / f"{name}.done.json", {"reduce": name, "inputs": inputs}, produce)
 
 
-_TRANSIENT = (ConnectionError, TimeoutError)
-
-
 def retry_transient(task, task_run, state) -> bool:
     """Prefect's retry condition: only what may succeed next time (connection drops, time-outs), not bugs or data."""
     try:
         state.result()
     except Exception as error:  # noqa: BLE001 - the error is classified, not handled
-        return isinstance(error, _TRANSIENT)
+        return is_transient_error(error)
     return False
 
 

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from tasks.io.retry import backoff_s
+
 # An unenforced primary key makes concurrent upserts of the same ids conflict (and retry) instead of
 # silently duplicating rows (STACK.md); the flow still keeps one writer per table.
 _PK = {"lance-schema:unenforced-primary-key": "true"}
@@ -141,7 +143,7 @@ def _retry(write, attempts: int = 8):
             message = str(error).lower()
             if attempt == attempts - 1 or not ("conflict" in message or "retry" in message):
                 raise
-            time.sleep(0.05 * 2 ** attempt)
+            time.sleep(backoff_s(attempt, 0.05, jitter=0.0))  # one writer per table: no herd to spread
     return None
 
 
