@@ -5,39 +5,31 @@ from __future__ import annotations
 
 import hashlib
 import html
-import io
 import json
 import os
 import sys
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
 from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from warcio.statusandheaders import StatusAndHeaders
-from warcio.warcwriter import WARCWriter
-
 from tasks.sample.catalogue import Builder, Img, Page, build_default, resolve
+from tasks.sample.warc import WarcWriter, languages_cld2
 
 SAMPLE_SNAPSHOT = "DANQING-SAMPLE"  # the warcinfo isPartOf value
 COMPLETION_FILE = "_SAMPLE_COMPLETE.json"
 MANIFEST_FILE = "manifest.jsonl"
 N_WARCS = 3
 
-_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "sample.danqing.test")
 CRAWL_START = datetime(2025, 3, 14, 8, 0, 0, tzinfo=UTC)
-_USER_AGENT = "danqing-sample/1.0 (generated offline; .test hosts never resolve)"
 
 
 @dataclass(frozen=True)
 class SampleCrawl:
     warcs: list[Path]  # sorted
     manifest: Path  # JSONL: one line per page, then one per <img> of each selected page (a variant's: a JSON list)
-
 
 
 def _render(page: Page) -> bytes:
@@ -84,101 +76,15 @@ def _img_tag(img: Img) -> str:
     return "<" + " ".join(attrs) + ">"
 
 
-def _cld2(page: Page) -> str:
+def _metadata(page: Page) -> dict[str, str]:
     text_bytes = sum(len(p.encode()) for p in [page.title, *page.paragraphs])
     languages = [
         {"code": code, "code-iso-639-3": iso3, "text-covered": covered, "score": float(round(600 + 1400 * covered)),
          "name": name}
         for code, iso3, name, covered in page.languages or []
     ]
-    return json.dumps({"reliable": True, "text-bytes": text_bytes, "languages": languages}, separators=(",", ":"))
-
-
-class _WarcFile:
-    """One output WARC: fixed dates and content-derived record ids so every write is byte-identical."""
-
-    def __init__(self, fh, name: str, start: datetime, snapshot: str) -> None:
-        self.name = name
-        self.writer = WARCWriter(fh, gzip=True, warc_version="1.0")
-        self._clock = start
-        self.warcinfo_id = self._id("warcinfo", self.name)
-        info = (
-            f"isPartOf: {snapshot}\r\n"
-            "publisher: danqing (generated sample crawl)\r\n"
-            "description: Deterministic offline sample for danqing run; every host is under .test but those"
-            " of the blacklisted-site cases, whose pairs are dropped before any fetch\r\n"
-            "software: danqing tasks.sample\r\n"
-            "format: WARC File Format 1.0\r\n"
-        ).encode()
-        self._write("warcinfo", "", info, "application/warc-fields", {"WARC-Filename": self.name},
-                    record_id=self.warcinfo_id)
-
-    @staticmethod
-    def _id(*parts: str) -> str:
-        return f"<urn:uuid:{uuid.uuid5(_ID_NAMESPACE, chr(10).join(parts))}>"
-
-    def _tick(self) -> datetime:
-        self._clock += timedelta(seconds=7)
-        return self._clock
-
-    def _write(self, rec_type: str, uri: str, payload: bytes, content_type: str, extra: dict[str, str],
-               http_headers: StatusAndHeaders | None = None, record_id: str = "", when: datetime | None = None):
-        headers = {
-            "WARC-Type": rec_type,
-            "WARC-Date": (when or self._clock).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "WARC-Record-ID": record_id,
-            "Content-Length": "0",  # placeholder so warcio keeps Common Crawl's header order
-            "Content-Type": content_type,
-        }
-        if rec_type != "warcinfo":
-            headers["WARC-Warcinfo-ID"] = self.warcinfo_id
-        headers.update(extra)
-        record = self.writer.create_warc_record(
-            uri, rec_type, payload=io.BytesIO(payload), length=len(payload), warc_content_type=content_type,
-            warc_headers_dict=headers, http_headers=http_headers,
-        )
-        self.writer.write_record(record)
-
-    def fetch(self, url: str, ip: str, status: int, content_type: str, body: bytes, sniffed: str,
-              extra_headers: tuple[tuple[str, str], ...] = ()) -> str:
-        """Writes a request and its response; returns the response's record id."""
-        when = self._tick()
-        parts = urlsplit(url)
-        request = StatusAndHeaders(f"GET {parts.path or '/'} HTTP/1.1", [
-            ("User-Agent", _USER_AGENT),
-            ("Accept", "*/*"),
-            ("Host", parts.netloc),
-            ("Connection", "Keep-Alive"),
-        ], is_http_request=True)
-        request_id = self._id("request", url)
-        self._write("request", url, b"", "application/http; msgtype=request", {"WARC-IP-Address": ip},
-                    request, request_id, when)
-        reason = {200: "OK", 404: "Not Found"}[status]
-        response = StatusAndHeaders(f"{status} {reason}", [
-            ("Date", format_datetime(when, usegmt=True)),
-            ("Server", "nginx"),
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Connection", "keep-alive"),
-            *extra_headers,
-        ], protocol="HTTP/1.1")
-        response_id = self._id("response", url, hashlib.sha256(body).hexdigest())
-        self._write("response", url, body, "application/http; msgtype=response", {
-            "WARC-Concurrent-To": request_id,
-            "WARC-IP-Address": ip,
-            "WARC-Identified-Payload-Type": sniffed,
-        }, response, response_id, when)
-        return response_id
-
-    def metadata(self, page: Page, response_id: str) -> None:
-        body = (
-            f"fetchTimeMs: {100 + len(page.url) * 7}\r\n"
-            f"charset-detected: {page.charset_label}\r\n"
-            f"languages-cld2: {_cld2(page)}\r\n"
-        ).encode()
-        self._write("metadata", page.url, body, "application/warc-fields",
-                    {"WARC-Concurrent-To": response_id},
-                    record_id=self._id("metadata", page.url, hashlib.sha256(body).hexdigest()))
+    return {"fetchTimeMs": str(100 + len(page.url) * 7), "charset-detected": page.charset_label,
+            "languages-cld2": languages_cld2(languages, text_bytes)}
 
 
 def _sniff(body: bytes) -> str:
@@ -197,7 +103,15 @@ def write_warc(path: Path, index: int, b: Builder, name: str, start: datetime,
     pages = [p for p in b.pages if p.warc == index]
     linked = {resolve(p, i.taken) for p in b.pages for i in p.imgs}
     with path.open("wb") as fh:
-        out = _WarcFile(fh, name, start, snapshot)
+        out = WarcWriter(fh, start)
+        out.warcinfo(name, {
+            "isPartOf": snapshot,
+            "publisher": "danqing (generated sample crawl)",
+            "description": "Deterministic offline sample for danqing run; every host is under .test but those of the"
+                           " blacklisted-site cases, whose pairs are dropped before any fetch",
+            "software": "danqing tasks.sample",
+            "format": "WARC File Format 1.0",
+        })
         written: set[str] = set()
 
         def serve(url: str | None, ip: str) -> None:
@@ -205,13 +119,14 @@ def write_warc(path: Path, index: int, b: Builder, name: str, start: datetime,
             if blob is None or blob.warc != index or blob.url in written:
                 return
             written.add(blob.url)
-            out.fetch(blob.url, ip, blob.status, blob.content_type, blob.body, _sniff(blob.body), blob.headers)
+            out.capture(blob.url, blob.body, blob.content_type, status=blob.status, ip=ip, extra_headers=blob.headers,
+                        payload_type=_sniff(blob.body))
 
         for page in pages:
             ctype = f"text/html; charset={page.charset_label}"
-            response_id = out.fetch(page.url, page.ip, 200, ctype, _render(page), "text/html")
+            response_id = out.capture(page.url, _render(page), ctype, ip=page.ip, payload_type="text/html")
             if page.languages is not None:
-                out.metadata(page, response_id)
+                out.metadata(page.url, _metadata(page), concurrent_to=response_id)
             for img in page.imgs:
                 serve(resolve(page, img.taken), page.ip)
         # Images whose pages live in another file come last, as a later fetch would.
