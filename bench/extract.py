@@ -25,7 +25,8 @@ The generated WARCs (cached under --work, rebuilt when GEN_VERSION changes; seed
 Common Crawl's main WARC files (the real excerpt ../shared/fixtures/warc/warcfile.warc.gz, STACK.md):
 a warcinfo record, then per capture a `request`, a `response` and a `metadata` record (fetchTimeMs,
 charset-detected, languages-cld2 JSON with code and code-iso-639-3, largest share first, sometimes a second
-language), each record its own gzip member (warcio's WARCWriter). A CC WARC is ~1 GB for ~40k captures, so:
+language), each record its own gzip member (tasks.sample.warc's writer, over warcio's). A CC WARC is ~1 GB for
+~40k captures, so:
 - ~98% of responses are HTML, ~90 KB on average (lognormal, median ~60 KB, capped at CC's 1 MiB payload limit),
   ~20 KB once gzipped; the rest are PDFs, feeds and images, labelled without languages as CC does.
 - A page has inline CSS and minified JS boilerplate, a navigation bar, paragraphs, related-link lists and a
@@ -69,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import best_of, report  # noqa: E402 - after the checkout is on sys.path
 
-GEN_VERSION = 2  # bump when the generator's output changes: cached WARCs are rebuilt
+GEN_VERSION = 3  # bump when the generator's output changes: cached WARCs are rebuilt
 CRAWL = "CC-MAIN-2020-34"
 MIB = 1 << 20
 
@@ -530,67 +531,41 @@ class _PageMaker:
 def write_warc(path: Path, target_bytes: int, zh_share: float, seed: int) -> None:
     """A Common Crawl-like WARC of about target_bytes (compressed); see the module docstring."""
     import uuid
+    from datetime import UTC, datetime
 
-    from warcio.statusandheaders import StatusAndHeaders
-    from warcio.warcwriter import WARCWriter
+    from tasks.sample.warc import WarcWriter
 
     maker = _PageMaker(seed, zh_share)
     r = maker.rng
     ids = random.Random(seed + 1)
     start = 1596906857  # 2020-08-08T17:14:17Z, the crawl of the real excerpt
 
-    def rid() -> str:
+    def rid(*_) -> str:  # seeded: the writer's content-hashed ids name a request by its URL, which may repeat here
         return f"<urn:uuid:{uuid.UUID(int=ids.getrandbits(128), version=4)}>"
-
-    def date(t: float) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
-        writer = WARCWriter(fh, gzip=True)
-        info_id = rid()
-        info = (f"isPartOf: {CRAWL}\r\npublisher: Common Crawl\r\ndescription: danqing benchmark WARC\r\n"
-                f"format: WARC File Format 1.1\r\n").encode()
-        writer.write_record(writer.create_warc_record(
-            None, "warcinfo", payload=io.BytesIO(info), length=len(info), warc_content_type="application/warc-fields",
-            warc_headers_dict={"WARC-Record-ID": info_id, "WARC-Date": date(start),
-                               "WARC-Filename": path.name}))
+        writer = WarcWriter(fh, datetime.fromtimestamp(start, UTC), record_id=rid)
+        writer.warcinfo(path.name, {"isPartOf": CRAWL, "publisher": "Common Crawl",
+                                    "description": "danqing benchmark WARC", "format": "WARC File Format 1.1"})
         t = start
         while fh.tell() < target_bytes:
             url, body, ctype, meta = maker.capture()
             t += r.expovariate(4.0)
-            when, host = date(t), url.split("/")[2]
-            path_q = "/" + url.split("/", 3)[3] if url.count("/") >= 3 else "/"
-            req_id, resp_id = rid(), rid()
-            req_hdr = StatusAndHeaders(f"GET {path_q} HTTP/1.1", [
-                ("User-Agent", "CCBot/2.0 (https://commoncrawl.org/faq/)"),
-                ("Accept", "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),
-                ("Accept-Language", "en-US,en;q=0.5"), ("Accept-Encoding", "br,gzip"), ("Host", host),
-                ("Connection", "Keep-Alive")], is_http_request=True)
+            req_hdr = [("User-Agent", "CCBot/2.0 (https://commoncrawl.org/faq/)"),
+                       ("Accept", "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),
+                       ("Accept-Language", "en-US,en;q=0.5"), ("Accept-Encoding", "br,gzip"),
+                       ("Host", url.split("/")[2]), ("Connection", "Keep-Alive")]
             ip = f"{r.randint(1, 223)}.{r.randint(0, 255)}.{r.randint(0, 255)}.{r.randint(1, 254)}"
-            common = {"WARC-Date": when, "WARC-Warcinfo-ID": info_id, "WARC-IP-Address": ip}
-            writer.write_record(writer.create_warc_record(
-                url, "request", payload=io.BytesIO(b""), length=0, http_headers=req_hdr,
-                warc_headers_dict={**common, "WARC-Record-ID": req_id}))
             server = r.choice((("Server", "nginx"), ("Server", "Microsoft-IIS/7.5"), ("Server", "Apache"),
                                ("Server", "nginx/1.16.1"), ("Server", "Tengine")))
-            resp_hdr = StatusAndHeaders("200 OK", [
-                server, ("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(t - 1))),
-                ("Content-Type", ctype), *([("X-Crawler-Content-Encoding", "gzip")] if r.random() < 0.7 else []),
-                ("Vary", "Accept-Encoding"), ("Content-Length", str(len(body)))], protocol="HTTP/1.1")
-            mime = ctype.split(";")[0]
-            writer.write_record(writer.create_warc_record(
-                url, "response", payload=io.BytesIO(body), length=len(body), http_headers=resp_hdr,
-                warc_headers_dict={**common, "WARC-Record-ID": resp_id, "WARC-Concurrent-To": req_id,
-                                   "WARC-Identified-Payload-Type": mime}))
-            fields = f"fetchTimeMs: {int(r.expovariate(1 / 600))}\r\n" + "".join(
-                f"{k}: {v}\r\n" for k, v in meta.items())
-            payload = fields.encode()
-            writer.write_record(writer.create_warc_record(
-                url, "metadata", payload=io.BytesIO(payload), length=len(payload),
-                warc_content_type="application/warc-fields",
-                warc_headers_dict={"WARC-Date": when, "WARC-Record-ID": rid(), "WARC-Warcinfo-ID": info_id,
-                                   "WARC-Concurrent-To": resp_id}))
+            encoding = [("X-Crawler-Content-Encoding", "gzip")] if r.random() < 0.7 else []
+            resp_hdr = [server, ("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(t - 1))),
+                        ("Content-Type", ctype), *encoding, ("Vary", "Accept-Encoding"),
+                        ("Content-Length", str(len(body)))]
+            resp_id = writer.capture(url, body, ctype, ip=ip, headers=resp_hdr, payload_type=ctype.split(";")[0],
+                                     request_headers=req_hdr, when=datetime.fromtimestamp(t, UTC))
+            writer.metadata(url, {"fetchTimeMs": int(r.expovariate(1 / 600)), **meta}, concurrent_to=resp_id)
     tmp.replace(path)
 
 

@@ -29,7 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-GENERATOR = 3  # bump when the generated shards change: cached files of another version are not reused
+GENERATOR = 4  # bump when the generated shards change: cached files of another version are not reused
 WORDS = ["美丽", "的", "山水", "风景", "城市", "夜景", "一只", "可爱", "小猫", "在", "草地", "上", "玩耍", "传统",
          "建筑", "古老", "寺庙", "新鲜", "水果", "蔬菜", "市场", "里", "春天", "花朵", "盛开", "公园", "湖边", "孩子们"]
 
@@ -51,8 +51,7 @@ def _image(rng: np.random.Generator, w: int, h: int, grain: np.ndarray) -> bytes
 
 def write_shard(path: Path, index: int, target_bytes: int) -> None:
     """One WARC: pages with 10 images each, then the images as response records, until target_bytes."""
-    from warcio.statusandheaders import StatusAndHeaders
-    from warcio.warcwriter import WARCWriter
+    from tasks.sample.warc import WarcWriter, languages_cld2
 
     rng = np.random.default_rng(index)
     grain = rng.normal(0, 8, (360, 480, 3)).astype(np.int16)  # drawn once: the grain need not differ
@@ -61,7 +60,8 @@ def write_shard(path: Path, index: int, target_bytes: int) -> None:
     page = 0
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
-        writer = WARCWriter(fh, gzip=True)
+        writer = WarcWriter(fh)
+        meta = {"languages-cld2": languages_cld2([{"code": "zh", "text-covered": 0.99}])}
         while written < target_bytes:
             url = f"http://www.bench{index}.test/p{page}.html"
             imgs = []
@@ -70,12 +70,7 @@ def write_shard(path: Path, index: int, target_bytes: int) -> None:
                 imgs.append((f"http://img{index}.bench.test/{page}/{j}.jpg", caption))
             tags = "".join(f'<img src="{u}" alt="{c}">' for u, c in imgs)
             html = f"<html><body><p>图片新闻</p>{tags}</body></html>"
-            hdr = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
-            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(html.encode()),
-                                                          http_headers=hdr))
-            meta = b'languages-cld2: {"reliable":true,"languages":[{"code":"zh","text-covered":0.99}]}\r\n'
-            writer.write_record(writer.create_warc_record(url, "metadata", payload=io.BytesIO(meta),
-                                                          warc_content_type="application/warc-fields"))
+            writer.metadata(url, meta, concurrent_to=writer.response(url, html.encode(), "text/html; charset=utf-8"))
             for u, _ in imgs:
                 if seen and rng.random() < REPEATS:
                     body = seen[int(rng.integers(0, len(seen)))]
@@ -85,9 +80,7 @@ def write_shard(path: Path, index: int, target_bytes: int) -> None:
                         seen.append(body)
                     else:
                         seen[int(rng.integers(0, len(seen)))] = body
-                ihdr = StatusAndHeaders("200 OK", [("Content-Type", "image/jpeg")], protocol="HTTP/1.1")
-                writer.write_record(writer.create_warc_record(u, "response", payload=io.BytesIO(body),
-                                                              http_headers=ihdr))
+                writer.response(u, body, "image/jpeg")
                 written += len(body)
             page += 1
     tmp.rename(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 
@@ -12,11 +11,10 @@ import pytest
 from _fixtures import fixture_path
 from selectolax.lexbor import LexborHTMLParser
 from warcio.archiveiterator import ArchiveIterator
-from warcio.statusandheaders import StatusAndHeaders
-from warcio.warcwriter import WARCWriter
 
 from schemas.contracts import row_key
 from tasks.extract import ExtractConfig, decode_html, extract_warc, img_and_base_nodes, primary_language, resolve_src
+from tasks.sample.warc import WarcWriter, languages_cld2
 
 BACKENDS = ("fastwarc", "warcio")
 SNAPSHOT = "CC-MAIN-2099-01"
@@ -161,17 +159,14 @@ def _page(body_text: str, imgs: str = "", head: str = "") -> str:
 def write_warc(path, responses: list[Resp], snapshot: str = SNAPSHOT) -> dict[str, int]:
     """A gzipped Common Crawl-style WARC; returns each response's record offset (read back by warcio)."""
     with open(path, "wb") as fh:
-        writer = WARCWriter(fh, gzip=True)
-        writer.write_record(writer.create_warcinfo_record(path.name, {"isPartOf": snapshot}))
+        writer = WarcWriter(fh)
+        writer.warcinfo(path.name, {"isPartOf": snapshot})
         for r in responses:
-            http = StatusAndHeaders(f"{r.status} X", [("Content-Type", r.content_type)], protocol="HTTP/1.1")
-            writer.write_record(writer.create_warc_record(r.url, "response", payload=io.BytesIO(r.body),
-                                                          http_headers=http))
+            response_id = writer.response(r.url, r.body, r.content_type, status=r.status)
             if r.langs is not None:
-                cld2 = json.dumps({"reliable": True, "languages": [{"code": c} for c in r.langs]})
-                meta = f"fetchTimeMs: 10\r\ncharset-detected: UTF-8\r\nlanguages-cld2: {cld2}\r\n"
-                writer.write_record(writer.create_warc_record(
-                    r.url, "metadata", payload=io.BytesIO(meta.encode()), warc_content_type="application/warc-fields"))
+                writer.metadata(r.url, {"fetchTimeMs": 10, "charset-detected": "UTF-8",
+                                        "languages-cld2": languages_cld2({"code": c} for c in r.langs)},
+                                concurrent_to=response_id)
     offsets = {}
     with open(path, "rb") as fh:
         it = ArchiveIterator(fh)

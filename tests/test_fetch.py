@@ -13,8 +13,6 @@ import pytest
 from aiohttp import web
 from local_http import serve
 from PIL import Image
-from warcio.statusandheaders import StatusAndHeaders
-from warcio.warcwriter import WARCWriter
 
 from tasks.fetch import (
     FetchConfig,
@@ -31,6 +29,7 @@ from tasks.io.http import HTTP_ERROR, TIMEOUT, TOO_LARGE, FetchResult, HttpConfi
 from tasks.io.polite import BLOCKED_ADDRESS, OPT_OUT, ROBOTS
 from tasks.io.replay import ReplayConfig, ReplayFetcher
 from tasks.io.warc import iter_records
+from tasks.sample.warc import WarcWriter
 
 
 def _pixels(w: int = 64, h: int = 48, seed: int = 0) -> np.ndarray:
@@ -295,12 +294,9 @@ def test_fetch_images_on_an_empty_shard():
 def _write_image_warc(path, records: list[tuple]) -> None:
     """Records of (url, status, content type, body[, extra headers])."""
     with open(path, "wb") as fh:
-        writer = WARCWriter(fh, gzip=True)
+        writer = WarcWriter(fh)
         for url, status, ctype, body, *extra in records:
-            headers = [("Content-Type", ctype), *(extra[0] if extra else [])]
-            http = StatusAndHeaders(f"{status} X", headers, protocol="HTTP/1.1")
-            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body),
-                                                          http_headers=http))
+            writer.response(url, body, ctype, status=status, extra_headers=extra[0] if extra else ())
 
 
 def _replay_index(paths) -> pd.DataFrame:

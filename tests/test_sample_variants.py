@@ -67,7 +67,7 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def test_byte_identical_and_rerun_rewrites_nothing(crawl_dir, tmp_path):
-    tasks.sample._variants.cache_clear()  # build again from scratch, not from this process's cached build
+    tasks.sample.variants._variants.cache_clear()  # build again from scratch, not from this process's cached build
     for n in (1, 2):
         write_sample_variant(n, tmp_path)
     assert _files(tmp_path) == _files(crawl_dir)

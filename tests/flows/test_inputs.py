@@ -68,20 +68,14 @@ def _jpeg(w: int, h: int, seed: int) -> bytes:
 
 
 def _page_warc(path: Path, pages: list[tuple[str, str]]) -> None:
-    from warcio.statusandheaders import StatusAndHeaders
-    from warcio.warcwriter import WARCWriter
+    from tasks.sample.warc import WarcWriter, languages_cld2
 
     with open(path, "wb") as fh:
-        writer = WARCWriter(fh, gzip=True)
+        writer = WarcWriter(fh)
         for url, html in pages:
-            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
-            resp = writer.create_warc_record(url, "response", payload=io.BytesIO(html.encode()),
-                                             http_headers=headers)
-            writer.write_record(resp)
-            meta = (b'languages-cld2: {"reliable":true,"languages":[{"code":"zh","code-iso-639-3":"zho",'
-                    b'"text-covered":0.95}]}\r\n')
-            writer.write_record(writer.create_warc_record(url, "metadata", payload=io.BytesIO(meta),
-                                                          warc_content_type="application/warc-fields"))
+            response_id = writer.response(url, html.encode(), "text/html; charset=utf-8")
+            cld2 = languages_cld2([{"code": "zh", "code-iso-639-3": "zho", "text-covered": 0.95}])
+            writer.metadata(url, {"languages-cld2": cld2}, concurrent_to=response_id)
 
 
 def test_http_fetcher_against_a_local_server(prefect_server, tmp_path):
