@@ -27,7 +27,8 @@ HELPERS = {"tasks/embed.py": "image", "tasks/io/http.py": "fetch", "tasks/io/pol
            "tasks/io/replay.py": "fetch"}
 # Modules that name reasons to compare against, never to drop a row with: the paper's table, the sample
 # crawl's expected outcomes. They (and flows/) must name declared reasons only.
-REFERENCES = ("tasks/paper.py", "tasks/sample.py")
+REFERENCES = ("tasks/paper.py",
+              *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "tasks" / "sample").glob("*.py")))
 _REASON = re.compile(rf"(?:{'|'.join(STAGES)})\.\w+")
 _STAGE_DOT = re.compile(rf"(?:{'|'.join(STAGES)})\.")
 _ORDER_PRESERVING = {"reversed", "list", "tuple"}
