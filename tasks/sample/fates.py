@@ -3,16 +3,15 @@ cross-batch dedup, as an offline run (placeholder model, default configs) decide
 
 from __future__ import annotations
 
-import hashlib
+import io
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
+from PIL import Image
 
-from tasks.align import AlignConfig, Band, apply_band, choose_band
-from tasks.embed import embed_pairs
+from tasks.align import AlignConfig, Band
 from tasks.fetch import decode_image, sniff_mime
-from tasks.models.placeholder import PLACEHOLDER, PlaceholderModel
+from tasks.models.placeholder import PlaceholderModel
 
 _DEDUP_RADIUS = 0.1  # SPEC: a cosine distance under 0.1 links two images (stage 3's dedup, and cross-batch)
 
@@ -37,14 +36,17 @@ def predict_fates(bodies: list[bytes], captions: list[str], committed: np.ndarra
     that every earlier rule keeps: in-batch dedup, the alignment band, then cross-batch dedup against `committed`
     (the vectors of the rows earlier runs kept).
 
+    An oracle of its own: the stages' code (embed_pairs, choose_band, apply_band) is what a run of the crawl
+    checks against these fates, so none of it is called here. The rules are applied as SPEC states them: the
+    placeholder's vectors of the stored images, the image-text cosine, a band at the quantiles that remove the
+    paper's share of the scores entering align (`low_share` of it from the low end), and the dedup radius.
     In-batch groups must be pairs, whose earlier row is kept (its two members lie equally far from their mean).
     """
-    stored = [decode_image(body, sniff_mime(body)).jpeg for body in bodies]
-    frame = pd.DataFrame({"key": [f"{i:020x}" for i in range(len(bodies))], "caption": captions, "image": stored,
-                          "sha256": [hashlib.sha256(b).hexdigest() for b in bodies]})
     model = PlaceholderModel()
-    scored, vec = embed_pairs(frame, model, model)
-    vectors = np.stack(vec["vector"].tolist()).astype(np.float64)
+    images = [Image.open(io.BytesIO(decode_image(body, sniff_mime(body)).jpeg)).convert("RGB") for body in bodies]
+    vectors = np.asarray(model.embed_images(images), np.float32).astype(np.float64)  # stored as float32
+    texts = np.asarray(model.embed_texts(captions), np.float64)
+    scores = np.clip(np.sum(vectors * texts, axis=1), -1.0, 1.0) if len(bodies) else np.zeros(0)
     expected = ["kept"] * len(bodies)
     sims = vectors @ vectors.T
     for j in range(len(bodies)):
@@ -54,12 +56,14 @@ def predict_fates(bodies: list[bytes], captions: list[str], committed: np.ndarra
         if linked.size:
             expected[j] = "image.duplicate"
     entered = np.array([e == "kept" for e in expected], dtype=bool)
-    scores = scored["align_cosine"].to_numpy()
-    band = choose_band(scores[entered], AlignConfig(), PLACEHOLDER, placeholder=True)
-    banded = apply_band(scored[entered], band)["drop_reason"]
-    for i, reason in zip(np.flatnonzero(entered), banded, strict=True):
-        if not pd.isna(reason):
-            expected[i] = reason
+    rule = AlignConfig()
+    low_q = rule.target_removal * rule.low_share
+    high_q = 1.0 - rule.target_removal * (1.0 - rule.low_share)
+    low, high = np.quantile(scores[entered], [low_q, high_q]) if entered.any() else (-1.0, 1.0)
+    band = Band(float(low), float(high), True, int(entered.sum()))
+    for i in np.flatnonzero(entered):
+        if scores[i] < band.low or scores[i] > band.high:
+            expected[i] = "align.out_of_band"
     if committed is not None and len(committed):
         near = (vectors @ np.asarray(committed, np.float64).T).max(axis=1) > 1 - _DEDUP_RADIUS
         expected = ["crossbatch.duplicate" if e == "kept" and hit else e for e, hit in zip(expected, near, strict=True)]

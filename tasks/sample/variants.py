@@ -33,8 +33,9 @@ _VARIANT2_ORDER = ("new", "repeat", "new", "repeat", "new",
                    "new", "stale", "new", "repeat",
                    "new", "repeat", "new", "new")
 _CAPTION_TRIES = 40  # caption windows tried until every row sits clear of the band's edges
-_PREDICTOR_MODULES = ("tasks.align", "tasks.embed", "tasks.fetch", "tasks.models.placeholder",
-                      "tasks.models.embedding")  # the manifests hold their results: they key a variant's marker
+# The modules whose results the manifests hold (the band's defaults, the stored image, the placeholder's
+# features): they key a variant's marker.
+_PREDICTOR_MODULES = ("tasks.align", "tasks.fetch", "tasks.models.placeholder", "tasks.models.embedding")
 
 
 def _reencode(pixels: np.ndarray, k: int) -> bytes:
