@@ -17,7 +17,7 @@ from tasks.paper import SOURCE as PAPER_SOURCE
 # Which shard steps count toward each reported stage, in pipeline order (STEPS says which stage each feeds).
 STAGE_STEPS = {stage: tuple(step for step, (owner, _) in STEPS.items() if owner == stage) for stage in STAGES}
 
-def build_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict], built: dict[str, tuple]) -> dict:
+def build_report(ctx, results: dict[str, list], reduces: dict, built: dict[str, tuple]) -> dict:
     """Sum the per-shard markers into SPEC's report: all seven stages, chained counts, full reason names."""
     stages = []
     prev_kept = None
@@ -239,7 +239,7 @@ def plot_cluster_sizes(sizes: list[int], path: Path) -> None:
         ax.set_ylabel("images in cluster")
 
 
-def prepare_report(ctx, results: dict[str, list[dict]], reduces: dict[str, dict]) -> Callable[[], dict]:
+def prepare_report(ctx, results: dict[str, list], reduces: dict) -> Callable[[], dict]:
     """Render report.json, report.md and report.*.png to temporary names, and return the function that
     puts them in place and publishes the Prefect artifacts.
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: tests in any folder under tests/ find it here
+SHARED = ROOT.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 
 

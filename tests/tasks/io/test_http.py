@@ -8,10 +8,10 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import pytest
+from _fixtures import ROOT
 from aiohttp import web
 from local_http import gigabyte, serve
 
@@ -615,7 +615,7 @@ def test_memory_stays_bounded_while_a_gigabyte_streams(url):
         "print(json.dumps({'reason': r.reason, 'growth_mb': (kb('VmHWM:') - before) / 1024}))\n"
     )
     res = subprocess.run([sys.executable, "-c", code, url("/gigabyte"), HOST], capture_output=True, text=True,
-                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+                         timeout=120, cwd=ROOT)
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["reason"] == TOO_LARGE
     print(f"peak RSS growth while a 1 GB body streams: {out['growth_mb']:.1f} MB")

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from _fixtures import ROOT
 
 from schemas.reasons import REASONS, STAGES, stage_reasons
 
-ROOT = Path(__file__).resolve().parents[1]
 DECLARED = frozenset(r for s in STAGES for r in stage_reasons(s))
 # Modules with no STAGE of their own that build one stage's reasons.
 HELPERS = {"tasks/embed.py": "image", "tasks/io/http.py": "fetch", "tasks/io/polite.py": "fetch",

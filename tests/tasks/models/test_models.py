@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_models
+from _fixtures import FIXTURES, ROOT
 from PIL import Image, ImageEnhance
 from tiny_models import (
     UNSEEN_CHAR,
@@ -42,7 +43,7 @@ from tasks.models import (
 from tasks.models import resolve as resolve_module
 from tasks.models.embedding import l2_normalise
 
-FIXTURE_IMAGES = Path(__file__).resolve().parents[2] / "shared/fixtures/images"
+FIXTURE_IMAGES = FIXTURES / "images"
 DUPLICATE_DISTANCE = 0.1  # the paper's dedup link threshold (cosine distance)
 QUICK_S = 2.0  # an offline resolution must answer within this, not after huggingface_hub's ~23 s of retries
 CHINESE = ["一只猫坐在桌子上", "两个人在海边骑自行车", "红色的汽车停在城市街道上"]
@@ -141,7 +142,7 @@ def test_placeholder_text_vectors_do_not_depend_on_the_process_hash_seed():
             capture_output=True,
             text=True,
             check=True,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=ROOT,
         ).stdout
         for seed in ("1", "2")
     }
