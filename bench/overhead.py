@@ -87,9 +87,10 @@ def write_shard(path: Path, index: int, target_bytes: int) -> None:
 
 
 def shards(work: Path, n: int, mb: float) -> list[str]:
+    """n generated shards of `mb` each, written once per generator version and size and then reused."""
     paths = []
     for i in range(n):
-        p = work / f"bench-v{GENERATOR}-{int(mb)}mb-{i:03d}.warc.gz"
+        p = work / f"bench-v{GENERATOR}-{mb:g}mb-{i:03d}.warc.gz"
         if not p.exists():
             write_shard(p, i, int(mb * 1e6))
         paths.append(str(p))

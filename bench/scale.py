@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.overhead import GENERATOR, write_shard  # noqa: E402 - after the path insert
+from bench.overhead import shards  # noqa: E402 - after the path insert
 
 # Run in the child: one curate run, then its own peak RSS (the flow process; workers are other processes).
 _CHILD = """
@@ -36,19 +36,6 @@ params = CurateParams(warcs=warcs, out=out, fetcher="replay", config={"source": 
 report = curate(params, cluster=LocalClusterSpec(n_workers=2, threads_per_worker=1))["report"]
 print(json.dumps({"samples": report["samples"], "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
-
-
-def shards(work: Path, n: int, shard_mb: float) -> list[str]:
-    """n generated shards, written once per generator version and size and then reused."""
-    folder = work / f"shards-v{GENERATOR}-{shard_mb:g}mb"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        path = folder / f"{i:05d}.warc.gz"
-        if not path.exists():
-            write_shard(path, i, int(shard_mb * 1e6))
-        paths.append(str(path))
-    return paths
 
 
 def task_runs(db: Path) -> int:
@@ -84,6 +71,7 @@ def main() -> None:
     for n in sizes:
         out = work / f"out-{n}"
         subprocess.run(["rm", "-rf", str(out)], check=True)  # a fresh root: nothing resumed, a new database
+        work.mkdir(parents=True, exist_ok=True)
         rows.append(measure(shards(work, n, args.shard_mb), out, Path(args.code)))
         print(json.dumps(rows[-1]), flush=True)
     first, last = rows[0], rows[-1]
