@@ -44,7 +44,10 @@ def _extract_rows(run_dir: Path) -> pd.DataFrame:
 
 def test_snapshot_scan_and_index_select_the_same_candidates(prefect_server, common_crawl, tmp_path):
     server, layout = common_crawl
+    listings = len(server.requests_for("warc.paths.gz"))
     scan = curate(_params(server, tmp_path / "scan"), cluster=IN_PROCESS)
+    # the listing is read once: checked before the servers start, and not again in the flow
+    assert len(server.requests_for("warc.paths.gz")) == listings + 1
     seen_before = len(server.seen)
     index = curate(_params(server, tmp_path / "index", select="index"), cluster=IN_PROCESS)
 
