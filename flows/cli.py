@@ -16,6 +16,17 @@ log = logging.getLogger("danqing")
 ROLES = ("embed", "align", "tokenizer", "nsfw_image", "nsfw_text")
 
 
+def _positive(text: str) -> int:
+    """An integer >= 1 (argparse reports anything else as a usage error, before any work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="danqing", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -45,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true",
                      help="on an existing run: fetch again only the images that failed transiently (time-outs, "
                           "connection errors, 429, 5xx), then recompute what depends on them")
+    run.add_argument("--batch-size", type=_positive, metavar="N",
+                     help="WARC files per batch (default 1000): a longer list runs as batches, each its own flow "
+                          "run under <run>/batches/<k>/, deduplicated within and then across batches")
+    run.add_argument("--batch-parallel", type=_positive, metavar="N",
+                     help="batches curated at once (default 2); only their commits wait for each other")
     run.add_argument("--dask-address", help="an existing Dask scheduler (default: a local cluster)")
     run.add_argument("--workers", type=int, help="local cluster worker processes")
     run.add_argument("--threads", type=int, default=1, help="threads per local worker")
@@ -99,14 +115,16 @@ def cmd_run(args) -> int:
         models={r: getattr(args, f"{r}_model") for r in ROLES if getattr(args, f"{r}_model")},
         config=config, retry_failed=args.retry_failed,
         lancedb=args.lancedb, gpu_slots=args.gpu_slots,
+        **{k: getattr(args, k) for k in ("batch_size", "batch_parallel") if getattr(args, k) is not None},
     )
     spec = LocalClusterSpec(**({"n_workers": args.workers} if args.workers else {}), threads_per_worker=args.threads)
     result = curate(params, args.dask_address, spec, progress=not args.no_progress and sys.stdout.isatty())
     run_dir = Path(result["run_dir"])
     rep = result["report"]
     print("\nfunnel: " + " > ".join(f"{s['stage']} {s['kept']}" for s in rep["stages"]))
-    print(f"dataset: {run_dir / 'dataset'}  ({rep['samples']} samples)")
-    print(f"rejects: {run_dir / 'rejects'}")
+    where = run_dir / "batches" / "*" if rep.get("batches") else run_dir
+    print(f"dataset: {where / 'dataset'}  ({rep['samples']} samples)")
+    print(f"rejects: {where / 'rejects'}")
     print(f"report:  {run_dir / 'report.md'}  ({run_dir / 'report.json'})")
     return 0
 

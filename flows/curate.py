@@ -12,9 +12,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows import steps
+from flows import batches, steps
 from flows.engine import RunContext, clean_temp, model_ref, shard_ids
-from flows.report import prepare_report
+from flows.report import prepare_report, publish_merged
 from flows.runtime import commit_lock, ensure_gpu_limit, task_runner, wait_for_runs
 from flows.settings import CurateParams, LocalClusterSpec, build_config, cc_config, check_config, config_dict, run_name
 from tasks.io import shards
@@ -149,14 +149,15 @@ def curate_snapshot(params: CurateParams, progress: bool = False) -> dict:
     warcs = _CHECKED.pop(_inputs_key(params), None)
     if warcs is None:  # a deployment's run: an unknown snapshot fails here, before waiting for its slot
         warcs = check_inputs(params)
-    if not params.snapshot:
-        return _curate(params, warcs, progress)
+    run = _curate_batches if params.batch is None and len(warcs) > params.batch_size else _curate
+    if not params.snapshot or params.batch is not None:  # a batch runs inside its parent's snapshot slot
+        return run(params, warcs, progress)
     from prefect.concurrency.sync import concurrency
 
     from flows.runtime import ensure_snapshot_limit
 
     with concurrency(ensure_snapshot_limit(params.snapshot), occupy=1, strict=True):
-        return _curate(params, warcs, progress)
+        return run(params, warcs, progress)
 
 
 def _curate(params: CurateParams, warcs: list[str], progress: bool) -> dict:
@@ -168,7 +169,8 @@ def _curate(params: CurateParams, warcs: list[str], progress: bool) -> dict:
         results = {step: _drain(bar, step, futures) for step, futures in batch.steps.items()}
         reduces = {name: fut.result() for name, fut in batch.reduces.items() if fut is not None}
         # Cross-batch dedup, the dataset and the commit run one output root at a time, in commit order.
-        wait_for_runs(params.commit_after)
+        wait_for_runs(params.commit_after, require_completed=params.batch is not None)
+        batches.wait_turn(ctx.run_id)
         with commit_lock(ctx.lancedb):
             search, checked, written, committed = _submit_commit(ctx, batch, reduces["lancedb"])
             results["crossbatch"] = _drain(bar, "crossbatch", checked)
@@ -188,15 +190,86 @@ def _context(params: CurateParams, warcs: list[str]) -> RunContext:
     run_id = params.run_id or derive_run_id(warcs, params.snapshot)
     out = Path(params.out).resolve()
     run_dir = out / run_id
+    recorded = {"params": params.model_dump(), "run_id": run_id,
+                "models": {role: model_ref(m) for role, m in models.items()}}
+    if params.batch is not None:  # one batch of a batched run: its own directory and LanceDB run id
+        run_dir, run_id = batches.batch_dir(run_dir, params.batch), batches.batch_run_id(run_id, params.batch)
+        key = batches.settings_key(params, _model_keys(models))
+        batches.check_reuse(run_dir, key, params.batch)
+        recorded = {**recorded, "run_id": run_id, "settings_key": key}
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_temp(run_dir)
-    _write_if_changed(run_dir / "run.json", {"params": params.model_dump(), "run_id": run_id,
-                                            "models": {role: model_ref(m) for role, m in models.items()}})
+    _write_if_changed(run_dir / "run.json", recorded)
     return RunContext(
         run_dir=str(run_dir), run_id=run_id, lancedb=params.lancedb or str(out / "lancedb"),
         config={**params.config, "cc": config_dict(cc_config(params))}, models=models, fetcher=params.fetcher,
         retry_failed=params.retry_failed, max_failure_fraction=params.max_failure_fraction, snapshot=params.snapshot,
     )
+
+
+def _model_keys(models: dict) -> dict:
+    return {role: [*model_ref(m), m.revision] for role, m in sorted(models.items())}
+
+
+def _curate_batches(params: CurateParams, warcs: list[str], progress: bool) -> dict:
+    """The run as batches, each a child flow run (committed batches are skipped), then the merged report."""
+    from prefect.runtime import flow_run
+
+    log = get_run_logger()
+    run_id = params.run_id or derive_run_id(warcs, params.snapshot)
+    out = Path(params.out).resolve()
+    run_dir = out / run_id
+    lancedb = params.lancedb or str(out / "lancedb")
+    plan = batches.plan(warcs, params.batch_size)
+    children = [batches.child_params(params, b, run_id, lancedb, warcs) for b in plan]
+    models = _model_keys(with_revisions(resolve_models(params)))
+    done = set()
+    for b, child in zip(plan, children, strict=True):  # a batch committed with other settings fails here
+        d = batches.batch_dir(run_dir, b.index)
+        batches.check_reuse(d, batches.settings_key(child, models), b.index)
+        if batches.committed(d):
+            done.add(b.index)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(run_dir / "run.json", {
+        "params": params.model_dump(), "run_id": run_id, "models": models, "batch_size": params.batch_size,
+        "batches": [{"batch": b.index, "run_id": batches.batch_run_id(run_id, b.index), "warcs": len(b.warcs),
+                     "dir": str(batches.batch_dir(run_dir, b.index).relative_to(run_dir))} for b in plan]})
+    log.info("run %s: %d WARC file(s) in %d batch(es) of %d, %d already committed -> %s", run_id, len(warcs),
+             len(plan), params.batch_size, len(done), run_dir)
+    name = flow_run.name or run_name(params)
+    from prefect.runtime import deployment
+
+    if deployment.id:  # under a worker pool: each batch a deployment run a worker picks up
+        outcome = batches.run_deployed(plan, children, done, f"{flow_run.flow_name}/{deployment.name}", name)
+    else:
+        runner = _batch_runner()
+
+        def run_batch(b: batches.Batch) -> dict:
+            child = children[b.index]
+            _CHECKED[_inputs_key(child)] = list(b.warcs)
+            flow = curate_snapshot.with_options(task_runner=runner, flow_run_name=f"{name}-b{b.index}")
+            result = flow(child, progress=False)
+            log.info("batch %d committed: %d samples", b.index, result["report"]["samples"])
+            return result
+
+        outcome = batches.run_in_process(plan, done, run_id, params.batch_parallel, run_batch)
+    problem = batches.failures(outcome)
+    if problem:
+        raise RuntimeError(problem)
+    report = publish_merged(run_dir, run_id, [(b.index, batches.batch_dir(run_dir, b.index)) for b in plan])
+    log.info("dataset: %s/*/dataset  report: %s", run_dir / batches.BATCHES, run_dir / "report.json")
+    return {"run_id": run_id, "run_dir": str(run_dir), "report": report}
+
+
+def _batch_runner():
+    """The batches' task runner: the parent's Dask cluster (started once for the whole run), shared."""
+    from prefect.context import FlowRunContext
+    from prefect_dask import DaskTaskRunner
+
+    runner = FlowRunContext.get().task_runner
+    if isinstance(runner, DaskTaskRunner):
+        return DaskTaskRunner(address=runner.client.scheduler.address, client_kwargs=runner.client_kwargs)
+    return runner.duplicate()
 
 
 @dataclass
@@ -218,7 +291,9 @@ def _submit(ctx: RunContext, params: CurateParams, warcs: list[str]) -> _Batch:
 
     r["cc_index"] = steps.cc_index.submit(ctx, params.snapshot, warcs) if params.select == "index" else None
     s["extract"] = per_shard(steps.extract, warcs, r["cc_index"])
-    r["replay_index"] = steps.replay_index.submit(ctx, s["extract"]) if params.fetcher == "replay" else None
+    replay_from = params.replay_from if params.fetcher == "replay" else None
+    r["replay_index"] = steps.replay_index.submit(ctx, s["extract"], warcs, replay_from) if replay_from is not None \
+        else None
     s["source"] = per_shard(steps.source, s["extract"])
     s["fetch"] = per_shard(steps.fetch, s["source"], r["replay_index"])
     # the entropy rule's p(w) counted over this run's captions

@@ -101,7 +101,11 @@ def _extra(reduces: dict, name: str) -> dict:
     return reduces[name].extra if name in reduces else {}
 
 
-def render_markdown(report: dict) -> str:
+PLOTS = {"funnel": "funnel", "caption_words": "caption words", "similarity": "similarity",
+         "groups": "duplicate groups", "clusters": "clusters"}
+
+
+def render_markdown(report: dict, plots: tuple[str, ...] = tuple(PLOTS)) -> str:
     by = {s["stage"]: s for s in report["stages"]}
     raw = by["extract"]["kept"] or 1
     lines = [f"# Funnel report: run `{report['run_id']}`", ""]
@@ -161,10 +165,9 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"Cross-batch: {xb['queries']} survivors against {xb.get('committed_rows')} committed rows of "
                       f"{len(xb.get('earlier_runs') or [])} earlier run(s) ({xb.get('method')} search{recall}): "
                       f"{xb.get('matches')} repeats."]
-    lines += ["", "![funnel](report.funnel.png)", "", "![caption words](report.caption_words.png)", "",
-              "![similarity](report.similarity.png)", "", "![duplicate groups](report.groups.png)", "",
-              "![clusters](report.clusters.png)", ""]
-    return "\n".join(lines)
+    for name in plots:
+        lines += ["", f"![{PLOTS[name]}](report.{name}.png)"]
+    return "\n".join([*lines, ""])
 
 
 @contextlib.contextmanager
@@ -302,3 +305,81 @@ def _artifacts(report: dict, md: str, root: Path) -> None:
              f"| rejects | `{root / 'rejects'}` |\n| report | `{root / 'report.md'}`, `{root / 'report.json'}` |\n"
              f"| samples | {report['samples']} |\n\n{plots}\n")
     create_markdown_artifact(key=f"{key}-output"[:100], markdown=where, description="where the run's output is")
+
+
+def by_stage(report: dict, stage: str) -> dict:
+    return report["stages"][STAGES.index(stage)]
+
+
+def merge_reports(run_id: str, parts: list[tuple[int, str, dict]]) -> dict:
+    """One report over a batched run's batches (index, directory, report), in the same contract: the stages'
+    counts summed reason by reason, the counters summed, each batch's band listed, and a per-batch table."""
+    reports = [r for _, _, r in parts]
+    stages = []
+    for i, stage in enumerate(STAGES):
+        entries = [r["stages"][i] for r in reports]
+        dropped: dict[str, int] = {}
+        for e in entries:
+            for reason, n in e["dropped"].items():
+                dropped[reason] = dropped.get(reason, 0) + n
+        merged = {**entries[0], "stage": stage, "in": sum(e["in"] for e in entries),
+                  "kept": sum(e["kept"] for e in entries), "dropped": dropped,
+                  "not_run": [r for r in stage_reasons(stage) if r not in dropped]}
+        for key, value in entries[0].items():  # the stage's counters (pages_total, requests, ...) summed
+            if key not in ("in", "kept") and isinstance(value, int) and not isinstance(value, bool):
+                merged[key] = sum(e.get(key, 0) for e in entries)
+        stages.append(merged)
+    by = {s["stage"]: s for s in stages}
+    by["align"]["band"] = {"per_batch": [by_stage(r, "align").get("band") for r in reports]}
+    dedup = [by_stage(r, "image").get("dedup") or {} for r in reports]
+    hist: dict[str, int] = {}
+    for d in dedup:
+        for size, n in (d.get("group_size_hist") or {}).items():
+            hist[str(size)] = hist.get(str(size), 0) + n
+    by["image"]["dedup"] = {
+        "threshold": dedup[0].get("threshold"), "method": dedup[0].get("method"), "scope": "batch",
+        **{k: sum(d.get(k) or 0 for d in dedup) for k in ("rows", "pairs", "groups")},
+        "group_size_hist": hist, "largest_group": max((d.get("largest_group") or 0 for d in dedup), default=0),
+        "giant_groups": [g for d in dedup for g in (d.get("giant_groups") or [])]}
+    searches = [by_stage(r, "crossbatch").get("search") or {} for r in reports]
+    by["crossbatch"]["search"] = {**searches[-1], **{k: sum(s.get(k) or 0 for s in searches)
+                                                     for k in ("queries", "matches")}}
+    batches = [{"batch": k, "dir": where, "run_id": r["run_id"], "shards": r["shards"], "samples": r["samples"],
+                "kept": {s["stage"]: s["kept"] for s in r["stages"]},
+                "crossbatch_matches": (by_stage(r, "crossbatch").get("search") or {}).get("matches")}
+               for k, where, r in parts]
+    return {"run_id": run_id, "stages": stages, "models": reports[0]["models"], "lancedb": reports[-1]["lancedb"],
+            "shards": sum(r["shards"] for r in reports), "samples": sum(r["samples"] for r in reports),
+            "paper": reports[0]["paper"], "batches": batches}
+
+
+def render_batches(report: dict) -> str:
+    """The per-batch table of a merged report."""
+    stages = [s["stage"] for s in report["stages"]]
+    lines = ["", "## Batches", "", "| batch | directory | shards | " + " | ".join(stages) + " | samples |",
+             "|---:|---|---:|" + "---:|" * len(stages) + "---:|"]
+    for b in report["batches"]:
+        kept = " | ".join(str(b["kept"][s]) for s in stages)
+        lines.append(f"| {b['batch']} | `{b['dir']}` | {b['shards']} | {kept} | {b['samples']} |")
+    return "\n".join(lines) + "\n"
+
+
+def publish_merged(run_dir: Path, run_id: str, batch_dirs: list[tuple[int, Path]]) -> dict:
+    """The batched run's report.json and report.md (with the per-batch table and funnel plot), from the
+    batches' own reports; the dataset stays in the batches' directories (no second copy)."""
+    parts = [(k, str(d.relative_to(run_dir)), json.loads((d / "report.json").read_text())) for k, d in batch_dirs]
+    report = merge_reports(run_id, parts)
+    md = render_markdown(report, plots=("funnel", "groups")) + render_batches(report)
+    staged = []
+    for name, writer in (("report.funnel.png", lambda p: plot_funnel(report, p)),
+                         ("report.groups.png", lambda p: plot_group_sizes(by_stage(report, "image")["dedup"]
+                                                                          ["group_size_hist"], p)),
+                         ("report.md", lambda p: p.write_text(md)),
+                         ("report.json", lambda p: p.write_text(json.dumps(report, indent=1, ensure_ascii=False)))):
+        tmp = run_dir / f".{name}.tmp-staged"
+        writer(tmp)
+        staged.append((tmp, run_dir / name))
+    for tmp, final in staged:  # report.json last: it says the run is complete
+        os.replace(tmp, final)
+    _artifacts(report, md, run_dir)
+    return report

@@ -201,9 +201,10 @@ def commit_lock(lancedb_uri: str):
     return concurrency(name, occupy=1, strict=True)
 
 
-def wait_for_runs(flow_run_ids: list[str], poll_s: float = 5.0) -> None:
+def wait_for_runs(flow_run_ids: list[str], poll_s: float = 5.0, require_completed: bool = False) -> None:
     """Wait until each flow run is in a final state (a backfill's earlier snapshots commit first; one that
-    failed or was cancelled commits nothing and is not waited for again)."""
+    failed or was cancelled commits nothing and is not waited for again). With `require_completed` (a batch
+    waiting for the batch before it) a run that ended otherwise is an error: batches commit in order."""
     if not flow_run_ids:
         return
     from uuid import UUID
@@ -211,7 +212,11 @@ def wait_for_runs(flow_run_ids: list[str], poll_s: float = 5.0) -> None:
     from prefect.client.orchestration import get_client
 
     def final(run_id: str) -> bool:
-        state = client.read_flow_run(UUID(run_id)).state
+        run = client.read_flow_run(UUID(run_id))
+        state = run.state
+        if state is not None and state.is_final() and require_completed and not state.is_completed():
+            raise RuntimeError(f"flow run {run.name} ended {state.type.value}, so this batch does not commit "
+                               "before it; re-run (or retry that batch) to resume")
         return state is not None and state.is_final()
 
     pending = list(flow_run_ids)

@@ -66,6 +66,10 @@ def canonical_config(config: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
     return out
 
 
+# One batch's flow run stays small (a few thousand task runs) while a snapshot (~90,000 WARCs) is ~90 batches.
+DEFAULT_BATCH_SIZE = 1000
+
+
 class LocalClusterSpec(BaseModel):
     """The Dask LocalCluster started when no scheduler address is given."""
 
@@ -107,6 +111,15 @@ class CurateParams(BaseModel):
     gpu_resource: bool = Field(False, description="annotate model tasks with the Dask resource GPU=1")
     commit_after: list[str] = Field(default_factory=list, description=(
         "flow-run ids that must finish before this run commits (a backfill commits in snapshot order)"))
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, gt=0, description=(
+        "WARC files per batch: a longer list runs as batches in listing order, each its own flow run under "
+        "<run>/batches/<k>/, deduplicated inside the batch and then against the batches committed before it"))
+    batch_parallel: int = Field(2, gt=0, description=(
+        "batches curated at once by a run without a worker pool (only their commits wait for each other)"))
+    batch: int | None = Field(None, ge=0, description=(
+        "set by a batched run's parent flow run: which of its batches this flow run curates"))
+    replay_from: list[str] = Field(default_factory=list, description=(
+        "set by a batched run's parent flow run: with the replay fetcher, all the run's WARC files"))
 
     @field_validator("config")
     @classmethod
@@ -130,7 +143,7 @@ def idempotency_key(params: CurateParams) -> str:
     The snapshot id leads the key so the UI's runs read well; the hash covers everything that changes the
     run's output (selection, models, thresholds, output root), so a deliberately different run gets its own.
     """
-    body = params.model_dump(mode="json", exclude={"commit_after"})  # ordering, not output
+    body = params.model_dump(mode="json", exclude={"commit_after", "batch_parallel"})  # ordering, not output
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"curate:{params.snapshot or 'warcs'}:{digest}"
 

@@ -121,15 +121,19 @@ def _retry_failed(ctx: RunContext, marker: Marker):
 
 
 @task(name="replay-index", cache_policy=NO_CACHE)
-def replay_index(ctx: RunContext, extracts: list[Marker]) -> Marker:
-    """Reduce: every response record of every input WARC, by URL (first capture wins)."""
+def replay_index(ctx: RunContext, extracts: list[Marker], warcs: list[str], run_warcs: list[str]) -> Marker:
+    """Reduce: every response record of every input WARC, by URL (first capture wins). A batch of a batched run
+    replays from all the run's WARC files (`run_warcs`, in listing order), as the run unbatched would."""
+    own = {w: m for w, m in zip(warcs, extracts, strict=True)}
 
     def build(out: Path) -> dict:
-        index = replay.merge_indexes([shards.read_parquet(m.output(".replay.parquet")) for m in extracts])
+        index = replay.merge_indexes([shards.read_parquet(own[w].output(".replay.parquet")) if w in own
+                                      else replay.response_index(w) for w in run_warcs or warcs])
         shards.write_parquet(index, out)
         return {"urls": int(len(index))}
 
-    return run_reduce(ctx, "replay_index", ".parquet", [m.hash for m in extracts], build)
+    others = [shards.file_identity(w) for w in run_warcs if w not in own]
+    return run_reduce(ctx, "replay_index", ".parquet", [m.hash for m in extracts] + others, build)
 
 
 @task(name="word-counts", cache_policy=NO_CACHE)
