@@ -1,11 +1,19 @@
-"""Benchmark: how a run's orchestration grows with its shards: the flow process's peak memory, the wall time per
-task run, and the Prefect database, for the same small generated shards at several run sizes.
+"""Benchmark: what a run's orchestration costs as it grows, and what the whole-run reduces hold.
 
-Each size is one `curate` run in a new process on a local 2-worker cluster (replay fetcher, placeholder models),
-so the figures of one size do not leak into the next. Shards are `bench/overhead.py`'s generated WARCs of Chinese
-pages whose images are WARC records, `--shard-mb` each (0.3 MB: the work per shard is small, so what grows with
-the run's size is what this measures). The ratios compare the sizes of this run with each other: the machine is
-shared and noisy, and only figures taken in the same minutes compare. Last stdout line: one JSON object.
+Orchestration: the same small generated shards at N, 2N and 4N WARC files (full: N = 128, `--quick`: N = 16), each
+size one `danqing run`-equivalent `curate` in a new process on a local 2-worker cluster with a batch size of N
+(replay fetcher, placeholder models), a fresh output root each, so nothing is resumed and each size gets its own
+Prefect database. Shards are `bench/overhead.py`'s generated WARCs of Chinese pages whose images are WARC records,
+`--shard-mb` each (0.3 MB: the work per shard is small, so what grows with the run is what this measures). The
+process tree (the command, the Prefect server it starts, the Dask nannies and workers) is sampled for its summed
+RSS while it runs. Figures:
+- `marginal_s_per_shard`: (wall(4N) - wall(2N)) / 2N, which leaves start-up out;
+- `marginal_growth_ratio`: that over the same for N -> 2N (1.0: the cost per shard does not grow with the run);
+- `tree_rss_mb_per_1k_shards`: the growth of the tree's peak RSS from 2N to 4N, per 1,000 shards;
+- `prefect_db_kb_per_task_run`, `task_runs_per_shard`.
+Reduces: `bench/scale_reduces.py` (in-batch dedup and the cross-batch search and commit at M and 4M rows), when
+present and not `--no-reduces`. The ratios compare sizes of this run with each other: the machine is shared and
+noisy, and only figures taken in the same minutes compare. Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,17 +34,54 @@ sys.path.insert(0, str(ROOT))
 
 from bench.overhead import shards  # noqa: E402 - after the path insert
 
-# Run in the child: one curate run, then its own peak RSS (the flow process; workers are other processes).
+# Run in the child: one curate run over the WARC files, in batches of `batch`.
 _CHILD = """
-import json, resource, sys
+import json, sys
 from flows.curate import curate
 from flows.settings import CurateParams, LocalClusterSpec
-warcs, out = json.loads(sys.argv[1]), sys.argv[2]
-params = CurateParams(warcs=warcs, out=out, fetcher="replay", config={"source": {"min_words": 1}},
+warcs, out, batch = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+params = CurateParams(warcs=warcs, out=out, fetcher="replay", config={"source": {"min_words": 1}}, batch_size=batch,
                       models={"embed": "placeholder", "align": "placeholder", "tokenizer": "placeholder"})
 report = curate(params, cluster=LocalClusterSpec(n_workers=2, threads_per_worker=1))["report"]
-print(json.dumps({"samples": report["samples"], "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"samples": report["samples"]}))
 """
+
+
+class TreeRss:
+    """The peak of the summed RSS of a process and all its descendants, sampled every `every_s`."""
+
+    def __init__(self, pid: int, every_s: float = 0.25):
+        import psutil  # a dependency of dask.distributed
+
+        self.root = psutil.Process(pid)
+        self.peak_mb = 0.0
+        self.max_process_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, every_s: float) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                return
+            total = 0.0
+            for p in procs:
+                try:
+                    rss = p.memory_info().rss / 2**20
+                except psutil.Error:
+                    continue
+                total += rss
+                self.max_process_mb = max(self.max_process_mb, rss)
+            self.peak_mb = max(self.peak_mb, total)
+            self._stop.wait(every_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def task_runs(db: Path) -> int:
@@ -43,52 +89,65 @@ def task_runs(db: Path) -> int:
         return int(con.execute("SELECT COUNT(*) FROM task_run").fetchone()[0])
 
 
-def measure(warcs: list[str], out: Path, code: Path) -> dict:
+def measure(warcs: list[str], out: Path, code: Path, batch: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the run starts its own server
+    env["PYTHONPATH"] = str(code)
     start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(code)}
-    done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(warcs), str(out)], cwd=code, env=env,
-                          check=True, capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(warcs), str(out), str(batch)], cwd=code,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tree = TreeRss(proc.pid)
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
-    child = json.loads(done.stdout.strip().splitlines()[-1])
+    tree.stop()
+    if proc.returncode:
+        raise RuntimeError(f"run of {len(warcs)} shards failed ({proc.returncode}):\n{stderr[-3000:]}")
+    child = json.loads(stdout.strip().splitlines()[-1])
     db = out / ".prefect" / "prefect.db"
     runs = task_runs(db)
-    return {"shards": len(warcs), "wall_s": round(wall, 1), "flow_rss_mb": round(child["rss_mb"], 1),
-            "task_runs": runs, "db_mb": round(db.stat().st_size / 1e6, 1), "samples": child["samples"],
-            "wall_per_task_run_s": round(wall / max(runs, 1), 3)}
+    return {"shards": len(warcs), "batch_size": batch, "wall_s": round(wall, 1),
+            "tree_rss_mb": round(tree.peak_mb, 1), "max_process_rss_mb": round(tree.max_process_mb, 1),
+            "task_runs": runs, "db_mb": round(db.stat().st_size / 1e6, 2), "samples": child["samples"]}
+
+
+def orchestration(n: int, shard_mb: float, work: Path, code: Path) -> dict:
+    rows = []
+    for size in (n, 2 * n, 4 * n):
+        out = work / f"out-{size}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)  # a fresh root: nothing resumed, a new database
+        work.mkdir(parents=True, exist_ok=True)
+        rows.append(measure(shards(work, size, shard_mb), out, code, n))
+        print(json.dumps(rows[-1]), flush=True)
+    one, two, four = rows
+    marginal = (four["wall_s"] - two["wall_s"]) / (2 * n)
+    first = (two["wall_s"] - one["wall_s"]) / n
+    return {
+        "n": n, "sizes": [r["shards"] for r in rows], "wall_s": [r["wall_s"] for r in rows],
+        "tree_rss_mb": [r["tree_rss_mb"] for r in rows], "task_runs": [r["task_runs"] for r in rows],
+        "marginal_s_per_shard": round(marginal, 3),
+        "marginal_growth_ratio": round(marginal / first, 3) if first > 0 else None,
+        "tree_rss_mb_per_1k_shards": round(1000 * (four["tree_rss_mb"] - two["tree_rss_mb"]) / (2 * n), 1),
+        "prefect_db_kb_per_task_run": round(1000 * (four["db_mb"] - one["db_mb"])
+                                            / max(four["task_runs"] - one["task_runs"], 1), 2),
+        "task_runs_per_shard": round((four["task_runs"] - one["task_runs"]) / (3 * n), 2),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sizes", default="3,30,300", help="run sizes in shards (the sample crawl has 3)")
+    ap.add_argument("--n", type=int, help="N: the smallest run and the batch size (default 128; --quick 16)")
     ap.add_argument("--shard-mb", type=float, default=0.3)
-    ap.add_argument("--quick", action="store_true", help="sizes 3 and 30 only: a few minutes")
+    ap.add_argument("--quick", action="store_true", help="N = 16 and the reduces' quick sizes: a few minutes")
+    ap.add_argument("--no-reduces", action="store_true", help="orchestration only")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "danqing-bench-scale"))
     ap.add_argument("--code", default=str(ROOT), help="the checkout whose flow runs (another commit, to compare)")
     args = ap.parse_args()
-    sizes = [3, 30] if args.quick else [int(s) for s in args.sizes.split(",")]
-    work = Path(args.work)
-    rows = []
-    for n in sizes:
-        out = work / f"out-{n}"
-        subprocess.run(["rm", "-rf", str(out)], check=True)  # a fresh root: nothing resumed, a new database
-        work.mkdir(parents=True, exist_ok=True)
-        rows.append(measure(shards(work, n, args.shard_mb), out, Path(args.code)))
-        print(json.dumps(rows[-1]), flush=True)
-    first, last = rows[0], rows[-1]
-    span = max(last["shards"] - first["shards"], 1)
-    print(json.dumps({
-        "sizes": [r["shards"] for r in rows],
-        "flow_rss_mb": [r["flow_rss_mb"] for r in rows],
-        "task_runs": [r["task_runs"] for r in rows],
-        "wall_s": [r["wall_s"] for r in rows],
-        "db_mb": [r["db_mb"] for r in rows],
-        "rss_mb_per_shard": round((last["flow_rss_mb"] - first["flow_rss_mb"]) / span, 3),
-        "task_runs_per_shard": round((last["task_runs"] - first["task_runs"]) / span, 2),
-        "db_kb_per_task_run": round(1000 * (last["db_mb"] - first["db_mb"])
-                                    / max(last["task_runs"] - first["task_runs"], 1), 1),
-        "wall_per_task_run_s": last["wall_per_task_run_s"],
-        "rss_ratio_last_vs_first": round(last["flow_rss_mb"] / first["flow_rss_mb"], 2),
-    }))
+    n = args.n or (16 if args.quick else 128)
+    figures = orchestration(n, args.shard_mb, Path(args.work), Path(args.code))
+    if not args.no_reduces and (ROOT / "bench" / "scale_reduces.py").is_file():
+        from bench import scale_reduces
+
+        figures["reduces"] = scale_reduces.run(args.quick)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
