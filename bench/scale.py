@@ -132,6 +132,16 @@ def orchestration(n: int, shard_mb: float, work: Path, code: Path) -> dict:
     }
 
 
+def client_ms(shared: bool, n: int = 20) -> float:
+    """CPU milliseconds to make one Prefect API client (a task run makes several), in a fresh process."""
+    code = ("import sys, time; from prefect.client.orchestration import SyncPrefectClient as C\n"
+            + ("from flows import tls; tls.install()\n" if shared else "")
+            + f"C('http://127.0.0.1:1/api'); s = time.process_time()\nfor _ in range({n}): C('http://127.0.0.1:1/api')\n"
+            + f"print((time.process_time() - s) / {n} * 1000)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, help="N: the smallest run and the batch size (default 128; --quick 16)")
@@ -142,7 +152,10 @@ def main() -> None:
     ap.add_argument("--code", default=str(ROOT), help="the checkout whose flow runs (another commit, to compare)")
     args = ap.parse_args()
     n = args.n or (16 if args.quick else 128)
-    figures = orchestration(n, args.shard_mb, Path(args.work), Path(args.code))
+    prefect_ms, shared_ms = client_ms(False), client_ms(True)  # flows/tls.py beside Prefect's own client
+    figures = {**orchestration(n, args.shard_mb, Path(args.work), Path(args.code)),
+               "client_ms_prefect": round(prefect_ms, 2), "client_ms_shared_tls": round(shared_ms, 2),
+               "client_speedup_shared_tls": round(prefect_ms / shared_ms, 1)}
     if not args.no_reduces and (ROOT / "bench" / "scale_reduces.py").is_file():
         from bench import scale_reduces
 

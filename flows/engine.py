@@ -11,12 +11,15 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
+from flows import tls
 from flows.settings import build_config
 from schemas import contracts as C
 from tasks import write as write_stage
 from tasks.io import shards
 from tasks.io.retry import is_transient_error
 from tasks.models import ResolvedModel
+
+tls.install()  # every process that runs a step (the flow's, each Dask worker's): one TLS context for Prefect
 
 CODE_VERSION = version("danqing")  # part of every step hash: a release that changes behaviour recomputes
 
