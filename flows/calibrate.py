@@ -9,12 +9,14 @@ import pandas as pd
 
 from flows.settings import build_config
 from tasks import align as align_stage
+from tasks import image as image_stage
 from tasks import refine as refine_stage
 from tasks.calibrate import Chain, Fit, fit_chain
 from tasks.io import shards
 
 # The stages whose rules declare calibrated scores, with the step whose rows they judged.
-CHAINS: dict[str, tuple[str, Chain]] = {"refine": ("refine", refine_stage.CHAIN)}
+CHAINS: dict[str, tuple[str, Chain]] = {"refine": ("refine", refine_stage.CHAIN),
+                                        "image": ("diversify", image_stage.CHAIN)}
 
 
 def stage_rows(run_dir: Path, step: str) -> pd.DataFrame:
@@ -33,8 +35,8 @@ def calibrate_run(run_dir: Path) -> tuple[dict, dict[str, list[Fit]]]:
     fits = {}
     for section, (step, chain) in CHAINS.items():
         rows = stage_rows(run_dir, step)
-        if rows.empty:
-            raise ValueError(f"{run_dir}: no rows of step {step!r} stored (did the run finish that step?)")
+        if rows.empty:  # a later step no row reached has nothing to fit; a run with no scored rows at all is an error
+            continue
         missing = [r.column for r in chain.scored if r.column not in rows.columns]
         if missing:
             raise ValueError(f"{run_dir}: step {step!r} stored no scores {missing}: re-run it with this version")
@@ -44,6 +46,9 @@ def calibrate_run(run_dir: Path) -> tuple[dict, dict[str, list[Fit]]]:
                    if getattr(fitted, r.setting) != getattr(config, r.setting)}
         if changed:
             settings[section] = {**settings.get(section, {}), **changed}
+    if not fits:
+        steps = sorted({step for step, _ in CHAINS.values()})
+        raise ValueError(f"{run_dir}: no rows of steps {steps} stored (did the run finish them?)")
     band = calibrate_band(run_dir, run, settings)
     if band:
         fits["align"] = band

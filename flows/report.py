@@ -47,7 +47,8 @@ def build_report(ctx, results: dict[str, list], reduces: dict, built: dict[str, 
     ex = results.get("extract", [])
     # scan: every HTML page of the WARC files was read; index: only the records the columnar index selected
     indexed = "cc_index" in reduces
-    for k in ("pages_total", "pages_selected", "records_truncated", "read_errors", "pages_oversize",
+    for k in ("pages_total", "pages_selected", "pages_not_chinese", "pages_unlabelled", "records_truncated",
+              "read_errors", "pages_oversize",
               *(("bytes_read", "bytes_selected") if indexed else ())):
         by["extract"][k] = sum(m.extra.get(k, 0) for m in ex)
     by["extract"]["selection"] = "index" if indexed else "scan"
@@ -76,8 +77,12 @@ def build_report(ctx, results: dict[str, list], reduces: dict, built: dict[str, 
     dedup = _extra(reduces, "dedup")
     by["image"]["dedup"] = {k: dedup.get(k) for k in ("threshold", "method", "rows", "pairs", "groups",
                                                       "group_size_hist", "largest_group", "giant_groups")}
-    if "nsfw_image" not in ctx.models:
-        by["image"]["nsfw_image_model"] = None  # no default exists: image.nsfw is listed in not_run
+    if "nsfw_image" in ctx.models:  # the rule as it ran; the model itself is named under models.nsfw_image
+        image_cfg = ctx.cfg("image")
+        by["image"]["nsfw"] = {"rule": image_cfg.nsfw_rule, "threshold": image_cfg.nsfw_threshold,
+                               "labels": list(image_cfg.nsfw_labels)}
+    else:  # the default could not be opened, or the role was set to the placeholder: image.nsfw is in not_run
+        by["image"]["nsfw_image_model"] = None
     xb = _extra(reduces, "crossbatch")
     by["crossbatch"]["search"] = {k: xb.get(k) for k in ("earlier_runs", "committed_rows", "queries", "matches",
                                                          "threshold", "method", "nprobes", "refine_factor",
@@ -110,7 +115,9 @@ def render_markdown(report: dict, plots: tuple[str, ...] = tuple(PLOTS)) -> str:
     raw = by["extract"]["kept"] or 1
     lines = [f"# Funnel report: run `{report['run_id']}`", ""]
     lines.append(f"Pages read {by['extract'].get('pages_total', 0)}, taken as Chinese "
-                 f"{by['extract'].get('pages_selected', 0)}; `<img>` elements {by['extract']['in']}; "
+                 f"{by['extract'].get('pages_selected', 0)}, not Chinese {by['extract'].get('pages_not_chinese', 0)} "
+                 f"({by['extract'].get('pages_unlabelled', 0)} judged by their visible text, without a language "
+                 "label); `<img>` elements {by['extract']['in']}; "
                  f"samples written {report['samples']}.")
     ph = [s["stage"] for s in report["stages"] if s.get("placeholder_model")]
     if ph:

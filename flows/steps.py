@@ -175,7 +175,8 @@ def image(ctx: RunContext, shard: str, upstream: Marker) -> Marker:
 @task(name="embed", task_run_name="embed-{shard}", cache_policy=NO_CACHE, tags=["gpu"])
 def embed(ctx: RunContext, shard: str, upstream: Marker) -> Marker:
     """Model work on one shard, each image decoded once: its vector (embed role), its image-text cosine (align
-    role) and, with an `nsfw_image` model, its safety class. Runs where the `gpu` tag and resource allow."""
+    role) and, with an `nsfw_image` model (open_nsfw by default), its probability on the unsafe labels. Runs where
+    the `gpu` tag and resource allow."""
     cfg = ctx.cfg("embed")
     labels = ctx.cfg("image").nsfw_labels
 
@@ -246,15 +247,17 @@ def dedup(ctx: RunContext, embeds: list[Marker]) -> Marker:
 def diversify(ctx: RunContext, shard: str, upstream: Marker, groups: Marker) -> Marker:
     """Stage 3 on one shard after the embed step: `image.duplicate` from the dedup reduce, then `image.nsfw`."""
     nsfw = "nsfw_image" in ctx.models
+    cfg = ctx.cfg("image")
 
     def compute():
         frame = ctx.read("embed", shard)
         frame["drop_reason"] = pd.Series(pd.NA, index=frame.index, dtype="str")
         mine = pd.read_parquet(groups.output(".parquet"), filters=[("shard", "==", shard)])
         frame = image_stage.mark_duplicates(frame, mine)
-        return Computed(image_stage.mark_nsfw(frame) if nsfw else frame)
+        return Computed(image_stage.mark_nsfw(frame, cfg) if nsfw else frame)
 
-    return pipeline.shard_step(ctx, "diversify", shard, [upstream.hash, groups.hash, nsfw], compute)
+    rule = [cfg.nsfw_rule, cfg.nsfw_threshold] if nsfw else None  # a new cut-off recomputes this step only
+    return pipeline.shard_step(ctx, "diversify", shard, [upstream.hash, groups.hash, nsfw, rule], compute)
 
 
 @task(name="fit-align-band", cache_policy=NO_CACHE)

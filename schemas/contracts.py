@@ -98,8 +98,9 @@ class ScoredSchema(FilteredImageSchema):
 
     align_cosine: Series[np.float64] = pa.Field(ge=-1.0001, le=1.0001)
     caption_truncated: Series[bool]  # the caption was longer than the align model's text context
-    nsfw_score: Series[np.float64] = pa.Field(nullable=True, ge=0.0, le=1.0)  # NaN: no nsfw_image model
-    nsfw_unsafe: Series[bool]  # the nsfw_image model's top class is a highest-risk one
+    # the nsfw_image model's probability on the unsafe labels (image.nsfw_threshold judges it); NaN: no model
+    nsfw_score: Series[np.float64] = pa.Field(nullable=True, ge=0.0, le=1.0)
+    nsfw_unsafe: Series[bool]  # the model's top label is an unsafe one (the `nsfw_rule: top_class` setting)
 
 
 class DiversifiedSchema(ScoredSchema):

@@ -28,8 +28,8 @@ def embed_pairs(frame: pd.DataFrame, embed_model, align_model, config: EmbedConf
 
     ``scored`` is ``frame`` plus ``align_cosine`` (the align model's image-text cosine), ``caption_truncated``
     (the caption is longer than the align model's text context, so only its start was embedded),
-    ``nsfw_score`` (the highest probability among ``nsfw_labels``; NaN without ``nsfw_model``), ``nsfw_unsafe``
-    (the classifier's top label is one of them; False without it) and ``drop_reason``: ``EMBED_ERROR`` for a row
+    ``nsfw_score`` (the classifier's probability on ``nsfw_labels``; NaN without ``nsfw_model``), ``nsfw_unsafe``
+    (its top label is one of them; False without it) and ``drop_reason``: ``EMBED_ERROR`` for a row
     whose image could not be decoded, preprocessed or embedded, or whose vector or cosine is degenerate, else NA.
     ``vectors`` holds key, vector (float32, unit norm), sha256 (and snapshot when the frame has it) for the rows
     without a drop reason only.

@@ -16,7 +16,7 @@ from schemas.contracts import row_key
 from schemas.reasons import REASONS
 from tasks.io.warc import Record, iter_records, next_member
 from tasks.io.warc import parse_fields as parse_metadata  # languages-cld2, charset-detected, ...
-from tasks.text import is_mostly_chinese
+from tasks.text import counts_mostly_chinese, script_counts
 
 STAGE = "extract"
 RULES = REASONS[STAGE]
@@ -28,7 +28,7 @@ _WS = re.compile(r"[\t\n\r]")
 @dataclass(frozen=True)
 class ExtractConfig:
     chinese_codes: tuple[str, ...] = ("zh", "zh-Hant", "zh-Hans")  # cld2 codes taken as Chinese (primary only)
-    fallback_min_han_share: float = 0.5  # no metadata record: Han share of the page's text units
+    fallback_min_han_share: float = 0.5  # no metadata record: Han share of the page's visible text units
     fallback_max_kana_share: float = 0.05  # no metadata record: more kana than this is Japanese
     max_page_bytes: int = 8_000_000  # larger HTML bodies are parsed up to this many bytes (counted: pages_oversize)
     backend: str = "auto"  # WARC reader: auto (FastWARC), fastwarc, warcio
@@ -364,9 +364,39 @@ def _cjk_possible(body: bytes, config: ExtractConfig) -> bool:
     return high >= config.min_cjk_bytes or body.count(b"&#") >= config.min_cjk_bytes // 2
 
 
+# Elements whose text a browser does not show: not page text for the no-label language fallback. Template content
+# and comments are outside lexbor's text() already; attributes (alt, title) and <head>'s <title> are not body text.
+UNSHOWN = ("script", "style", "noscript", "noembed", "noframes", "iframe")
+_UNSHOWN_SELECTOR = ", ".join(UNSHOWN)
+
+
+def visible_counts(tree: LexborHTMLParser) -> dict[str, int]:
+    """`script_counts` of the body's visible text: all of its text less that of the UNSHOWN elements.
+
+    The body's text joins text nodes with a space, so each hidden element's counts are exactly its share of the
+    whole and are subtracted (one text() call and one walk for the hidden elements, no copy of the tree); an
+    element inside another hidden one is in that one's text already.
+    """
+    body = tree.body
+    if body is None:
+        return script_counts("")
+    counts = script_counts(body.text(separator=" "))
+    for node in body.css(_UNSHOWN_SELECTOR):
+        parent = node.parent
+        while parent is not None and parent.tag not in UNSHOWN:
+            parent = parent.parent
+        if parent is not None:
+            continue
+        for unit, n in script_counts(node.text(separator=" ")).items():
+            counts[unit] -= n
+    return {unit: max(n, 0) for unit, n in counts.items()}
+
+
 def _new_stats() -> dict:
-    return {"records": 0, "pages_total": 0, "pages_selected": 0, "records_truncated": 0, "read_errors": 0,
-            "pages_oversize": 0}
+    # pages_not_chinese: pages turned away as not Chinese, by Common Crawl's label or, unlabelled
+    # (pages_unlabelled), by the text fallback; a full scan has pages_total == pages_selected + pages_not_chinese.
+    return {"records": 0, "pages_total": 0, "pages_selected": 0, "pages_not_chinese": 0, "pages_unlabelled": 0,
+            "records_truncated": 0, "read_errors": 0, "pages_oversize": 0}
 
 
 def _collect(pages: Iterator[_Page], path: str, config: ExtractConfig, stats: dict, snapshot: str | None,
@@ -375,22 +405,26 @@ def _collect(pages: Iterator[_Page], path: str, config: ExtractConfig, stats: di
     for page in pages:
         stats["pages_total"] += 1
         if _label(page, config) is False:
+            stats["pages_not_chinese"] += 1
             continue  # the cheap path: labelled non-Chinese pages are neither decoded nor parsed
         body = page.body
         if len(body) > config.max_page_bytes:
             stats["pages_oversize"] += 1
             body = body[: config.max_page_bytes]
-        if page.chinese is None and not _cjk_possible(body, config):
-            continue
+        if page.chinese is None:
+            stats["pages_unlabelled"] += 1
+            if not _cjk_possible(body, config):
+                stats["pages_not_chinese"] += 1
+                continue
         detected = (page.meta or {}).get("charset-detected")
         if detected is not None and detected.lower().replace("-", "") == "utf8":
             tree = LexborHTMLParser(body)  # CC detected UTF-8: lexbor decodes it itself, a third faster
         else:
             tree = LexborHTMLParser(decode_html(body, page.rec.charset, detected))
-        if page.chinese is None:  # no label: the page text must be mostly Chinese
-            text = tree.body.text(separator=" ") if tree.body is not None else ""
-            if not is_mostly_chinese(text, config.fallback_min_han_share, config.fallback_max_kana_share):
-                continue
+        if page.chinese is None and not counts_mostly_chinese(  # no label: the visible text must be mostly Chinese
+                visible_counts(tree), config.fallback_min_han_share, config.fallback_max_kana_share):
+            stats["pages_not_chinese"] += 1
+            continue
         stats["pages_selected"] += 1
         _page_candidates(page, tree, snapshot or stats.get("snapshot") or "unknown", path, config, rows)
 

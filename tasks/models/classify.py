@@ -11,16 +11,17 @@ import numpy as np
 from tasks.models.embedding import to_rgb
 from tasks.models.load import _LOCK, default_device, location, model_dtype, revision, to_device
 from tasks.models.resolve import ModelLoadError, ResolvedModel
+from tasks.models.safety import IMAGE_LABELS_SETTING, TEXT_LABELS_SETTING, ImageSafety, label_ids_of
 
 if TYPE_CHECKING:
     from PIL import Image
 
 MAX_TOKENS = 256  # captions are short (60 jieba words is ~120 characters); longer alt texts are truncated
-# Highest-risk class names of public NSFW image classifiers (e.g. "nsfw" of a 2-class normal/nsfw ViT; "porn"
-# and "hentai" of the 5-class drawings/hentai/neutral/porn/sexy models), matched in any case.
+# Unsafe class names of public NSFW image classifiers (e.g. "nsfw" of open_nsfw, the default, and of 2-class
+# normal/nsfw ViTs; "porn" and "hentai" of the 5-class drawings/hentai/neutral/porn/sexy models), matched in any
+# case. The paper's Freepik/nsfw_image_detector (neutral/low/medium/high) needs `image: {nsfw_labels: [high]}`.
 NSFW_IMAGE_LABELS = ("nsfw", "porn", "hentai", "explicit", "sexual")
-TEXT_LABELS_SETTING = "source.text_nsfw_labels"
-IMAGE_LABELS_SETTING = "image.nsfw_labels"
+TIMM_WRAPPER = "timm_wrapper"  # transformers' model type for timm checkpoints
 
 _CLASSIFIERS: dict[tuple[str, str, str], Any] = {}  # (kind, name, device) -> classifier
 
@@ -42,7 +43,7 @@ class TextClassifier:
 
     def label_ids(self, unsafe: Sequence[str]) -> list[int]:
         """Indices of the ``unsafe`` labels (case-insensitive); naming none of the model's labels is an error."""
-        return _label_ids("text", self.name, self.labels, unsafe, TEXT_LABELS_SETTING)
+        return label_ids_of("text", self.name, self.labels, unsafe, TEXT_LABELS_SETTING)
 
     def unsafe_scores(self, texts: Sequence[str], unsafe: Sequence[str]) -> np.ndarray:
         """Per text, the highest probability among the ``unsafe`` labels."""
@@ -58,8 +59,8 @@ class TextClassifier:
                               self._multi_label, len(self.labels))
 
 
-class ImageClassifier:
-    """Label probabilities for images, as ``TextClassifier`` does for texts; the unsafe rule is the top label."""
+class ImageClassifier(ImageSafety):
+    """A transformers image-classification model (timm_wrapper models included, with the `timm` extra)."""
 
     def __init__(self, model: Any, processor: Any, device: str, dtype: Any, identity: dict,
                  batch_size: int = 32) -> None:
@@ -71,27 +72,14 @@ class ImageClassifier:
         self.name = identity["name"]
         self.batch_size = batch_size  # images per forward pass
         self.labels = _labels(model.config)
-        self._multi_label = model.config.problem_type == "multi_label_classification"
-
-    def label_ids(self, unsafe: Sequence[str]) -> list[int]:
-        """Indices of the ``unsafe`` labels (case-insensitive); naming none of the model's labels is an error."""
-        return _label_ids("image", self.name, self.labels, unsafe, IMAGE_LABELS_SETTING)
-
-    def unsafe(self, images: Sequence[Image.Image], unsafe: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Per image: the highest probability among the ``unsafe`` labels (float32), and whether the model's top
-        label is one of them (the paper's rule: drop the highest-risk class)."""
-        ids = self.label_ids(unsafe)
-        probabilities = self.probabilities(images)
-        if not len(probabilities):
-            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=bool)
-        return probabilities[:, ids].max(axis=1), np.isin(probabilities.argmax(axis=1), ids)
+        self.multi_label = model.config.problem_type == "multi_label_classification"
 
     def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
         def encode(chunk):
             return self._processor(images=[to_rgb(image) for image in chunk], return_tensors="pt")
 
         return _probabilities(self._model, list(images), encode, self.batch_size, self._device, self._dtype,
-                              self._multi_label, len(self.labels))
+                              self.multi_label, len(self.labels))
 
 
 def load_text_classifier(resolved: ResolvedModel, device: str | None = None) -> TextClassifier:
@@ -100,20 +88,32 @@ def load_text_classifier(resolved: ResolvedModel, device: str | None = None) -> 
     return _cached("text", resolved, device, _load_text)
 
 
-def load_image_classifier(resolved: ResolvedModel, device: str | None = None) -> ImageClassifier:
-    """The classifier for ``resolved``, loaded once per process per ``(name, device)``: fp32 on CPU, half
-    precision on CUDA (its rule is the top label, which half precision rarely moves); probabilities in float32."""
+def load_image_classifier(resolved: ResolvedModel, device: str | None = None) -> ImageSafety:
+    """The classifier for ``resolved``, loaded once per process per ``(name, device)``: an ONNX model (open_nsfw,
+    the default) through onnxruntime, or a transformers one, fp32 on CPU and half precision on CUDA; probabilities
+    in float32."""
+    if resolved.source == "onnx":
+        from tasks.models.onnx_classify import load_onnx_classifier
+
+        return _cached("image", resolved, device, load_onnx_classifier)
     return _cached("image", resolved, device, _load_image)
 
 
 def check_text_classifier(resolved: ResolvedModel, unsafe: Sequence[str]) -> None:
     """Before any work, from the config alone: a sequence classifier whose labels include an ``unsafe`` one."""
-    _label_ids("text", resolved.name, _labels(_config(resolved)), unsafe, TEXT_LABELS_SETTING)
+    label_ids_of("text", resolved.name, _labels(_config(resolved)), unsafe, TEXT_LABELS_SETTING)
 
 
 def check_image_classifier(resolved: ResolvedModel, unsafe: Sequence[str]) -> None:
-    """Before any work, from the config alone: an image-classification model whose labels include an ``unsafe``
-    one (a dual encoder such as SigLIP, or a text classifier, is refused)."""
+    """Before any work: an ONNX model that onnxruntime opens with open_nsfw's input and outputs, or, from the
+    config alone, an image-classification model (a dual encoder such as SigLIP, or a text classifier, is refused);
+    either way with labels that include an ``unsafe`` one. A timm_wrapper model needs the `timm` extra."""
+    if resolved.source == "onnx":
+        from tasks.models.onnx_classify import OPENNSFW_LABELS, open_session
+
+        open_session(resolved.name)
+        label_ids_of("image", resolved.name, OPENNSFW_LABELS, unsafe, IMAGE_LABELS_SETTING)
+        return
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
     config = _config(resolved)
@@ -125,7 +125,20 @@ def check_image_classifier(resolved: ResolvedModel, unsafe: Sequence[str]) -> No
             f"model {resolved.name!r} (type {config.model_type!r}, architectures {architectures}) is not an image "
             "classifier: the nsfw_image role needs an image-classification model with NSFW classes"
         )
-    _label_ids("image", resolved.name, _labels(config), unsafe, IMAGE_LABELS_SETTING)
+    label_ids_of("image", resolved.name, _labels(config), unsafe, IMAGE_LABELS_SETTING)
+    if config.model_type == TIMM_WRAPPER:
+        check_timm(resolved.name)
+
+
+def check_timm(name: str) -> None:
+    """transformers loads a timm_wrapper model (e.g. the paper's Freepik/nsfw_image_detector) only with timm."""
+    from transformers.utils import is_timm_available
+
+    if not is_timm_available():
+        raise ModelLoadError(
+            f"model {name!r} is a timm model (transformers' timm_wrapper), which needs the `timm` package: install "
+            "the extra, `pip install 'danqing[timm]'` (timm also needs a torchvision built for your torch)"
+        )
 
 
 def _probabilities(model, items: list, encode: Callable, batch_size: int, device: str, dtype,
@@ -145,17 +158,6 @@ def _probabilities(model, items: list, encode: Callable, batch_size: int, device
 
 def _labels(config) -> tuple[str, ...]:
     return tuple(str(config.id2label[i]) for i in range(config.num_labels))
-
-
-def _label_ids(kind: str, name: str, labels: Sequence[str], unsafe: Sequence[str], setting: str) -> list[int]:
-    wanted = {u.lower() for u in unsafe}
-    ids = [i for i, label in enumerate(labels) if label.lower() in wanted]
-    if not ids:
-        raise ValueError(
-            f"{kind} classifier {name!r} has labels {list(labels)}; the unsafe labels configured "
-            f"({list(unsafe)}) name none of them: set {setting}"
-        )
-    return ids
 
 
 def _config(resolved: ResolvedModel):
@@ -198,6 +200,8 @@ def _load_image(resolved: ResolvedModel, device: str) -> ImageClassifier:
 
     where, local_only = location(resolved)
     dtype = model_dtype(device)
+    if _config(resolved).model_type == TIMM_WRAPPER:
+        check_timm(resolved.name)
     try:
         model = AutoModelForImageClassification.from_pretrained(where, dtype=dtype, local_files_only=local_only)
         # No torchvision here: the PIL image processor, as for the embedding models.

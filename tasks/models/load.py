@@ -270,6 +270,10 @@ def model_revision(resolved: ResolvedModel) -> str | None:
     resume marker can name it before any work: a re-run with other files at the same path is not a no-op."""
     if resolved.placeholder:
         return PLACEHOLDER_REVISION
+    if resolved.source == "onnx":
+        from tasks.models.onnx_classify import file_revision, model_file
+
+        return file_revision(model_file(resolved))
     where, local_only = location(resolved)
     return revision(where, resolved.source, local_only)
 

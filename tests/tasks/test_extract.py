@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import lxml.html
@@ -13,7 +14,15 @@ from selectolax.lexbor import LexborHTMLParser
 from warcio.archiveiterator import ArchiveIterator
 
 from schemas.contracts import row_key
-from tasks.extract import ExtractConfig, decode_html, extract_warc, img_and_base_nodes, primary_language, resolve_src
+from tasks.extract import (
+    ExtractConfig,
+    decode_html,
+    extract_warc,
+    img_and_base_nodes,
+    primary_language,
+    resolve_src,
+    visible_counts,
+)
 from tasks.sample.warc import WarcWriter, languages_cld2
 
 BACKENDS = ("fastwarc", "warcio")
@@ -198,6 +207,117 @@ def test_page_language_rules(tmp_path, backend):
     assert set(result.candidates["page_url"]) == {
         "http://zh.example.cn/", "http://zh-en.example.com/", "http://hant.example.tw/"}
     assert result.stats["pages_selected"] == 3
+
+
+# ---------------------------------------------------------------- the no-label fallback judges visible text
+
+
+# A news page as Chinese portals write them: a large inline analytics/app script, JSON-LD, CSS, a comment, a template.
+_NEWS_ARTICLE = (
+    "记者从市交通运输局获悉，今年以来全市新开通公交线路十二条，优化调整线路二十八条，"
+    "新增公交站点一百余个。市民王女士告诉记者，家门口新开的线路让她上下班节省了将近半个小时。"
+    "下一步，交通部门将继续完善城乡公交网络，推动地铁与公交的换乘衔接，方便群众出行。"
+)
+_APP_SCRIPT = "".join(
+    f"function initSlider{i}(el,opts){{var cfg=Object.assign({{autoplay:true,interval:3000,loop:true}},opts);"
+    f"el.addEventListener('click',function(e){{e.preventDefault();window.location.href=cfg.href||'/news/list';}});"
+    f"document.querySelectorAll('.nav-item .sub-menu a').forEach(function(a){{a.classList.toggle('active')}});}}\n"
+    for i in range(120)
+)
+_JSON_LD = json.dumps({
+    "@context": "https://schema.org", "@type": "NewsArticle", "headline": "全市新开通公交线路十二条",
+    "datePublished": "2024-05-20T08:00:00+08:00", "author": {"@type": "Organization", "name": "Example Daily News"},
+    "publisher": {"@type": "Organization", "name": "Example Media Group",
+                  "logo": {"@type": "ImageObject", "url": "https://news.example.cn/static/logo.png"}},
+    "keywords": ["public transport", "bus routes", "city news", "commuting", "metro transfer"],
+}, ensure_ascii=False)
+_CSS = "".join(f".article-body .para-{i} {{ margin: 0 auto; padding: 12px 16px; line-height: 1.8; color: #333; "
+               f"font-family: 'Helvetica Neue', Arial, sans-serif; }}\n" for i in range(150))
+
+
+def _news_page(article: str, scripts: str = "", extra_body: str = "") -> bytes:
+    return (
+        "<!DOCTYPE html><html lang=\"zh-CN\"><head><meta charset=\"utf-8\"><title>本地新闻</title>"
+        f"<style>{_CSS}</style><script type=\"application/ld+json\">{_JSON_LD}</script></head><body>"
+        "<div class=\"nav\"><a href=\"/\">首页</a> <a href=\"/news/\">新闻</a> <a href=\"/video/\">视频</a></div>"
+        f"<!-- main content starts here: tracking pixel and ad slots below -->"
+        f"<div class=\"article-body\"><h1>全市新开通公交线路十二条</h1><p>{article}</p>"
+        "<img src=\"/photos/bus.jpg\" alt=\"新开通的公交线路首班车驶出车站\"></div>"
+        f"<script>{scripts}</script>{extra_body}"
+        "<template id=\"comment-tpl\"><div class=\"comment\"><span class=\"user\">{user}</span></div></template>"
+        "</body></html>"
+    ).encode()
+
+
+def _latin_words(text: str) -> int:
+    return len(re.findall(r"[A-Za-z\u00c0-\u024f]+", text))
+
+
+def test_a_chinese_page_heavy_in_script_json_ld_and_css_is_selected(tmp_path):
+    body = _news_page(_NEWS_ARTICLE, _APP_SCRIPT, f"<style>{_CSS}</style>")
+    everything = LexborHTMLParser(body).body.text(separator=" ")
+    han = len(re.findall(r"[\u4e00-\u9fff]", everything))
+    assert _latin_words(everything) > han  # judged on all text the page would be English: the defect
+    result, _, _ = _extract(tmp_path, [Resp("http://news.example.cn/2024/0520/bus.html", body)])
+    assert result.stats["pages_selected"] == 1 and result.stats["pages_not_chinese"] == 0
+    assert list(result.candidates["alt_text"]) == ["新开通的公交线路首班车驶出车站"]
+
+
+def test_chinese_only_inside_a_script_string_of_an_english_page_is_not_chinese(tmp_path):
+    strings = json.dumps({"zh": {"share": "分享到微信朋友圈", "login": "登录后即可发表评论和收藏文章",
+                                 "notice": _NEWS_ARTICLE * 3}}, ensure_ascii=False)
+    body = (f"<!DOCTYPE html><html><head><title>City news</title></head><body><h1>New bus routes</h1>"
+            f"<p>{EN_TEXT} The city opened twelve new bus routes this year.</p>"
+            f"<img src=\"/bus.jpg\" alt=\"The first bus leaves the depot\"><script>var i18n = {strings};</script>"
+            "</body></html>").encode()
+    everything = LexborHTMLParser(body).body.text(separator=" ")
+    assert len(re.findall(r"[\u4e00-\u9fff]", everything)) > 2 * _latin_words(everything)  # Chinese by all text
+    result, _, _ = _extract(tmp_path, [Resp("http://news.example.com/bus", body)])
+    assert (result.stats["pages_selected"], result.stats["pages_not_chinese"]) == (0, 1)
+    assert result.candidates.empty
+
+
+def test_pages_without_visible_chinese_are_counted_not_chinese(tmp_path):
+    """All script; Chinese only in <title> and alt attributes (not page text: not Chinese); Chinese only in a
+    template and comments; and a Chinese page beside them, so every page is either selected or counted."""
+    alts = "".join(f'<img src="/p{i}.jpg" alt="美丽的山水风景照片第{i}张">' for i in range(20))
+    responses = [
+        Resp("http://a.example.cn/all-script", f"<html><body><script>var t='{_NEWS_ARTICLE}';</script>"
+             "</body></html>".encode()),
+        Resp("http://b.example.cn/title-alt", f"<html><head><title>{_NEWS_ARTICLE[:40]}</title></head><body>"
+             f"<p>Gallery</p>{alts}</body></html>".encode()),
+        Resp("http://c.example.cn/template", f"<html><body><p>{EN_TEXT}</p><!-- {_NEWS_ARTICLE} -->"
+             f"<template><p>{_NEWS_ARTICLE}</p></template></body></html>".encode()),
+        Resp("http://d.example.cn/zh", _news_page(_NEWS_ARTICLE, _APP_SCRIPT)),
+        Resp("http://e.example.com/en", _page(EN_TEXT).encode(), langs=("en",)),  # labelled: counted too
+    ]
+    result, _, _ = _extract(tmp_path, responses)
+    stats = result.stats
+    assert set(result.candidates["page_url"]) == {"http://d.example.cn/zh"}
+    assert (stats["pages_total"], stats["pages_selected"], stats["pages_not_chinese"]) == (5, 1, 4)
+    assert stats["pages_unlabelled"] == 4
+
+
+def test_noscript_text_is_not_page_text_but_its_images_are_still_candidates(tmp_path):
+    notice = " ".join(["Please enable JavaScript in your browser to view the full article and comments."] * 8)
+    body = _news_page(_NEWS_ARTICLE[:60], extra_body=f'<noscript><p>{notice}</p>'
+                      '<img src="/photos/lazy.jpg" alt="夜色中的城市公交枢纽"></noscript>')
+    result, _, _ = _extract(tmp_path, [Resp("http://news.example.cn/noscript", body)])
+    assert result.stats["pages_selected"] == 1
+    assert set(result.candidates["alt_text"]) == {"新开通的公交线路首班车驶出车站", "夜色中的城市公交枢纽"}
+
+
+@pytest.mark.parametrize(("html", "want"), [
+    ("<p>中文 text</p><script>var a = 'x y';</script>", {"han": 2, "words": 1}),
+    ("<p>中文</p><noscript><p>no script</p><script>var z</script></noscript>", {"han": 2, "words": 0}),  # nested
+    ("<p>中文</p><svg><style>.a{color:red}</style><text>图</text></svg>", {"han": 3, "words": 0}),
+    ("<p>中文</p><template><script>var t</script><p>模板</p></template><!-- 注释 comment -->", {"han": 2, "words": 0}),
+    ("<script>var only = '全是脚本';</script>", {"han": 0, "words": 0}),
+    ("<p>中文</p><iframe>fallback text</iframe><textarea>框里 words</textarea>", {"han": 4, "words": 1}),
+])
+def test_visible_counts_leave_out_what_a_browser_does_not_show(html, want):
+    counts = visible_counts(LexborHTMLParser(f"<html><head><title>标题 title</title></head><body>{html}</body></html>"))
+    assert {k: counts[k] for k in want} == want
 
 
 def test_fallback_thresholds_are_config(tmp_path):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.image import ImageConfig, filter_images, mark_duplicates, mark_nsfw
+from tasks.calibrate import fit_chain
+from tasks.image import CHAIN, ImageConfig, filter_images, mark_duplicates, mark_nsfw
+from tasks.paper import paper_removal
 
 GEOMETRY = "image.geometry"
 
@@ -102,9 +105,34 @@ def test_a_row_without_a_group_is_an_error_not_a_silent_keep():
         mark_duplicates(frame, groups)
 
 
-def test_nsfw_drops_unsafe_rows_not_already_dropped():
-    frame = _diversify_frame(["a", "b", "c"], [None, None, "image.duplicate"])
-    frame["nsfw_unsafe"] = [True, False, True]
-    out = mark_nsfw(frame)
-    assert out.loc[0, "drop_reason"] == "image.nsfw" and pd.isna(out.loc[1, "drop_reason"])
-    assert out.loc[2, "drop_reason"] == "image.duplicate"
+def test_nsfw_drops_rows_whose_unsafe_probability_reaches_the_threshold_not_already_dropped():
+    frame = _diversify_frame(["a", "b", "c", "d", "e"], [None, None, "image.duplicate", None, None])
+    frame["nsfw_score"] = [0.8, 0.79, 0.99, np.nan, 0.3]
+    frame["nsfw_unsafe"] = [False, True, True, False, True]  # the top label: what only `top_class` reads
+    out = mark_nsfw(frame)  # default: probability >= 0.8
+    assert out["drop_reason"].fillna("kept").tolist() == ["image.nsfw", "kept", "image.duplicate", "kept", "kept"]
+    lower = mark_nsfw(frame, ImageConfig(nsfw_threshold=0.3))
+    assert lower["drop_reason"].fillna("kept").tolist() == ["image.nsfw", "image.nsfw", "image.duplicate", "kept",
+                                                             "image.nsfw"]  # a row without a score never fails
+    top = mark_nsfw(frame, ImageConfig(nsfw_rule="top_class"))
+    assert top["drop_reason"].fillna("kept").tolist() == ["kept", "image.nsfw", "image.duplicate", "kept",
+                                                           "image.nsfw"]
+    with pytest.raises(ValueError, match="image.nsfw_rule"):
+        ImageConfig(nsfw_rule="top")
+
+
+def test_calibration_fits_the_nsfw_cut_to_the_papers_removal_after_duplicates():
+    rng = np.random.default_rng(0)
+    n = 2000
+    frame = _diversify_frame([f"k{i}" for i in range(n)], ["image.duplicate" if i % 5 == 0 else None for i in range(n)])
+    frame["nsfw_score"] = rng.beta(0.3, 6, n)
+    frame["nsfw_unsafe"] = False
+    config, fits = fit_chain(frame, ImageConfig(), CHAIN)
+    entered = int(frame["drop_reason"].isna().sum())
+    assert [f.reason for f in fits] == ["image.duplicate", "image.nsfw"] and fits[1].step_in == entered
+    assert fits[1].removed == round(paper_removal("image.nsfw") * entered)  # the paper's 4.0%, to the row
+    out = mark_nsfw(frame, config)
+    assert (out["drop_reason"] == "image.nsfw").sum() == fits[1].removed
+    # by hand: the rows dropped are exactly the highest scores among the non-duplicates
+    alive = frame[frame["drop_reason"].isna()]["nsfw_score"].sort_values(ascending=False)
+    assert set(out.index[out["drop_reason"] == "image.nsfw"]) == set(alive.index[: fits[1].removed])

@@ -231,3 +231,19 @@ def test_cli_writes_a_variant_and_refuses_an_unknown_one(tmp_path, crawl_dir, ca
     assert main(["run", "--sample-variant", "1", "--warc", "x.warc.gz", "--out", str(tmp_path / "run")]) == 2
     assert "--sample-variant" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() and not (tmp_path / "run").exists()
+
+
+def test_fates_predict_image_safety_before_the_band(manifests, bodies, monkeypatch):
+    """The real open_nsfw scores every stored photo (none reaches the default cut: no fate says image.nsfw); under a
+    cut of 0 every row that is not an in-batch duplicate is predicted image.nsfw and none reaches align."""
+    from tasks.image import ImageConfig
+    from tasks.sample import fates as fates_module
+
+    rows = manifests[1]
+    fates = predict_fates([bodies[m["url"]] for m in rows], [m["alt_text"] for m in rows])
+    assert fates.nsfw.shape == (len(rows),) and ((fates.nsfw >= 0) & (fates.nsfw < ImageConfig().nsfw_threshold)).all()
+    assert "image.nsfw" not in fates.expected
+    monkeypatch.setattr(fates_module, "ImageConfig", lambda: ImageConfig(nsfw_threshold=0.0))
+    strict = predict_fates([bodies[m["url"]] for m in rows], [m["alt_text"] for m in rows])
+    assert strict.expected == ["image.duplicate" if m["expected"] == "image.duplicate" else "image.nsfw" for m in rows]
+    assert not strict.entered.any()

@@ -391,7 +391,7 @@ def test_check_image_classifier_refuses_before_any_work(tiny):
         with pytest.raises(ModelLoadError, match="not an image classifier"):
             check_image_classifier(resolve_model("nsfw_image", str(tiny[kind])), NSFW_IMAGE_LABELS)
     with pytest.raises(ValueError, match="no placeholder"):
-        load_image_classifier(resolve_model("nsfw_image", None))
+        load_image_classifier(resolve_model("nsfw_image", PLACEHOLDER))
 
 
 def test_a_named_nsfw_image_model_that_cannot_load_is_a_clear_error(offline):
@@ -421,8 +421,8 @@ def test_placeholder_by_name_and_roles_without_default():
     assert (resolved.placeholder, resolved.source, resolved.warning) == (True, "placeholder", None)
     assert isinstance(load_model(resolved), PlaceholderModel)
     assert model_revision(resolved) == PlaceholderModel().identity["revision"]
-    assert DEFAULT_MODELS["nsfw_image"] is None
-    no_default = resolve_model("nsfw_image", None)
+    assert DEFAULT_MODELS["nsfw_text"] is None
+    no_default = resolve_model("nsfw_text", None)
     assert no_default.placeholder and "no default" in no_default.warning
     with pytest.raises(ValueError, match="unknown model role"):
         resolve_model("captioner", None)
