@@ -117,7 +117,7 @@ def render_markdown(report: dict, plots: tuple[str, ...] = tuple(PLOTS)) -> str:
     lines.append(f"Pages read {by['extract'].get('pages_total', 0)}, taken as Chinese "
                  f"{by['extract'].get('pages_selected', 0)}, not Chinese {by['extract'].get('pages_not_chinese', 0)} "
                  f"({by['extract'].get('pages_unlabelled', 0)} judged by their visible text, without a language "
-                 "label); `<img>` elements {by['extract']['in']}; "
+                 f"label); `<img>` elements {by['extract']['in']}; "
                  f"samples written {report['samples']}.")
     ph = [s["stage"] for s in report["stages"] if s.get("placeholder_model")]
     if ph:
