@@ -146,21 +146,27 @@ def run_in_process(plan: list[Batch], done: set[int], run_id: str, parallel: int
     return outcome
 
 
-def run_deployed(plan: list[Batch], children: list[CurateParams], done: set[int], deployment: str, name: str,
-                 poll_s: float = 5.0) -> dict[int, dict | BaseException]:
-    """Each batch not in `done` as a run of the deployment (a child of this flow run) that a worker picks up, so
-    the UI's Retry retries one batch. Batch k commits after batch k-1's run completes (its `commit_after`)."""
+def run_deployed(plan: list[Batch], child_of: Callable[[Batch], CurateParams], done: set[int], deployment: str,
+                 name: str, parallel: int, poll_s: float = 5.0,
+                 stall_warn_s: float = 600.0) -> dict[int, dict | BaseException]:
+    """Each batch not in `done` as a run of the deployment (a child of this flow run) that a worker picks up, so the
+    UI's Retry retries one batch; at most `parallel` of them unfinished at a time (each is a flow-run process on a
+    worker), created in batch order. Batch k commits after batch k-1's run completes (its `commit_after`)."""
     from uuid import UUID
 
+    from prefect import get_run_logger
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.runtime import flow_run
 
+    log = get_run_logger()
+    todo = [b for b in plan if b.index not in done]
     runs: dict[int, str] = {}
-    for b in plan:
-        if b.index in done:
-            continue
-        child = children[b.index]
+    outcome: dict[int, dict | BaseException] = {}
+    last_change = time.monotonic()
+
+    def start(b: Batch) -> None:
+        child = child_of(b)
         before = runs.get(b.index - 1)
         if before is not None:
             child = child.model_copy(update={"commit_after": [before]})
@@ -169,17 +175,28 @@ def run_deployed(plan: list[Batch], children: list[CurateParams], done: set[int]
         run = run_deployment(deployment, parameters={"params": child.model_dump(mode="json")}, timeout=0,
                              idempotency_key=key, flow_run_name=f"{name}-b{b.index}", as_subflow=True)
         runs[b.index] = str(run.id)
-    outcome: dict[int, dict | BaseException] = {}
+
     with get_client(sync_client=True) as client:
-        while len(outcome) < len(runs):
+        while len(outcome) < len(todo):
+            while todo[len(runs):] and len(runs) - len(outcome) < parallel:
+                start(todo[len(runs)])
+            running = 0
             for k, run_id in runs.items():
                 if k in outcome:
                     continue
                 state = client.read_flow_run(UUID(run_id)).state
+                running += bool(state is not None and state.is_running())
                 if state is not None and state.is_final():
+                    last_change = time.monotonic()
                     outcome[k] = {} if state.is_completed() else RuntimeError(
                         f"flow run {name}-b{k} ended {state.type.value}: {state.message or ''}".strip())
-            if len(outcome) < len(runs):
+            if running:
+                last_change = time.monotonic()
+            elif time.monotonic() - last_change > stall_warn_s:
+                log.warning("no batch has started for %.0f s: the batches need worker slots besides the one this "
+                            "run holds (a worker started with --limit 1 cannot run them)", stall_warn_s)
+                last_change = time.monotonic()
+            if len(outcome) < len(todo):
                 time.sleep(poll_s)
     return outcome
 

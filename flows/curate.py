@@ -231,12 +231,15 @@ def _curate_batches(params: CurateParams, warcs: list[str], progress: bool) -> d
     run_dir = out / run_id
     lancedb = params.lancedb or str(out / "lancedb")
     plan = batches.plan(warcs, params.batch_size)
-    children = [batches.child_params(params, b, run_id, lancedb, warcs) for b in plan]
+
+    def child(b: batches.Batch) -> CurateParams:  # made when needed: with replay each holds the run's WARC list
+        return batches.child_params(params, b, run_id, lancedb, warcs)
+
     models = _model_keys(with_revisions(resolve_models(params)))
     done = set()
-    for b, child in zip(plan, children, strict=True):  # a batch committed with other settings fails here
+    for b in plan:  # a batch committed with other settings fails here, before any batch runs
         d = batches.batch_dir(run_dir, b.index)
-        batches.check_reuse(d, batches.settings_key(child, models), b.index)
+        batches.check_reuse(d, batches.settings_key(child(b), models), b.index)
         if batches.committed(d):
             done.add(b.index)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -250,15 +253,16 @@ def _curate_batches(params: CurateParams, warcs: list[str], progress: bool) -> d
     from prefect.runtime import deployment
 
     if deployment.id:  # under a worker pool: each batch a deployment run a worker picks up
-        outcome = batches.run_deployed(plan, children, done, f"{flow_run.flow_name}/{deployment.name}", name)
+        outcome = batches.run_deployed(plan, child, done, f"{flow_run.flow_name}/{deployment.name}", name,
+                                       params.batch_parallel)
     else:
         runner = _batch_runner()
 
         def run_batch(b: batches.Batch) -> dict:
-            child = children[b.index]
-            _CHECKED[_inputs_key(child)] = list(b.warcs)
+            params_b = child(b)
+            _CHECKED[_inputs_key(params_b)] = list(b.warcs)
             flow = curate_snapshot.with_options(task_runner=runner, flow_run_name=f"{name}-b{b.index}")
-            result = flow(child, progress=False)
+            result = flow(params_b, progress=False)
             log.info("batch %d committed: %d samples", b.index, result["report"]["samples"])
             return result
 

@@ -115,7 +115,8 @@ class CurateParams(BaseModel):
         "WARC files per batch: a longer list runs as batches in listing order, each its own flow run under "
         "<run>/batches/<k>/, deduplicated inside the batch and then against the batches committed before it"))
     batch_parallel: int = Field(2, gt=0, description=(
-        "batches curated at once by a run without a worker pool (only their commits wait for each other)"))
+        "batches curated at once (only their commits wait for each other); under a deployment, how many batch "
+        "runs are unfinished at a time"))
     batch: int | None = Field(None, ge=0, description=(
         "set by a batched run's parent flow run: which of its batches this flow run curates"))
     replay_from: list[str] = Field(default_factory=list, description=(
