@@ -24,7 +24,8 @@ class CrossbatchConfig:
     index_min_rows: int = 100_000  # an ANN index is built once the table has this many rows; exact search below
     nprobes: int = 64  # IVF lists searched per query (STACK.md: recall needs many, with a refine step)
     refine_factor: int = 50  # candidates re-ranked on full vectors per result
-    query_batch: int = 1024  # query vectors per search call
+    query_batch: int = 16  # query vectors per search call: LanceDB's peak memory grows with it (60k committed
+    #   rows, 256-d, nprobes 64, refine 50: 0.65 GB at 16, 2.9 GB at 128; 1,024 killed a worker), not its speed
     recall_sample: int = 200  # survivors whose ANN result is checked against exact search (the report's recall)
     exact_block: int = 65_536  # committed rows per block in the exact search
     chunk_rows: int = 100_000  # survivors (whole shards) one search task holds: search_batch's unit of work
