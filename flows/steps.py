@@ -196,8 +196,25 @@ def embed(ctx: RunContext, shard: str, upstream: Marker) -> Marker:
     return pipeline.shard_step(ctx, "embed", shard, inputs, compute, {**config_dict(cfg), "nsfw_labels": labels})
 
 
-def _vectors(ctx: RunContext, embeds: list[Marker], keys: set[str] | None = None):
-    return embed_stage.stack_vectors([(m.shard, str(m.output(VECTORS))) for m in embeds], keys)
+GROUPS = ".groups"  # the dedup reduce's output: a folder of one <shard>.parquet per shard
+MATCHES = ".matches"  # the crossbatch search's: likewise
+
+
+def _cluster_map():
+    """map(fn, items) as Dask tasks on the cluster this task runs on (its own thread seceded while it waits), or
+    in this process when it runs on none: how a reduce spreads its partitions."""
+    try:
+        from distributed import get_worker, worker_client
+
+        get_worker()
+    except (ImportError, ValueError):
+        return dedup_stage.serial_map
+
+    def on_cluster(fn, items: list) -> list:
+        with worker_client() as client:
+            return client.gather(client.map(fn, items, pure=False))
+
+    return on_cluster
 
 
 @task(name="load-lancedb", cache_policy=NO_CACHE)
@@ -223,24 +240,22 @@ def load_lancedb(ctx: RunContext, embeds: list[Marker]) -> Marker:
 
 @task(name="dedup", cache_policy=NO_CACHE)
 def dedup(ctx: RunContext, embeds: list[Marker]) -> Marker:
-    """Reduce over the whole run (stage 3 redundancy): one row per vector with its group and whether it is kept,
-    and the k-means cluster sizes for the report."""
+    """Reduce over the batch (stage 3 redundancy), as partition tasks on the cluster: one groups file per shard
+    (each row's group and whether it is kept), and the k-means cluster sizes for the report."""
     cfg = ctx.cfg("dedup")
 
     def build(out: Path) -> dict:
-        keys, shard_of, vectors = _vectors(ctx, embeds)
-        result = dedup_stage.dedup(vectors, cfg)
-        shards.write_parquet(dedup_stage.group_frame(keys, shard_of, result), out)
-        stats = dedup_stage.jsonable(result.stats)
+        files = [(m.shard, str(m.output(VECTORS))) for m in embeds]
+        result = dedup_stage.dedup_batch(files, cfg, out.with_name(f"{out.name}.work"), out, _cluster_map())
+        stats = dedup_stage.jsonable(result)
         if stats.get("giant_groups"):
             from prefect import get_run_logger
 
             get_run_logger().warning("dedup: %d giant group(s) of >= %d images: %s", len(stats["giant_groups"]),
                                      cfg.giant_group, stats["giant_groups"][:5])
-        return {"rows": len(keys), "pairs": int(result.pairs), "method": result.method, "threshold": cfg.threshold,
-                **stats, "cluster_sizes": dedup_stage.cluster_sizes(vectors, cfg.seed)}
+        return stats
 
-    return run_reduce(ctx, "dedup", ".parquet", [config_dict(cfg), *[m.hash for m in embeds]], build)
+    return run_reduce(ctx, "dedup", GROUPS, [config_dict(cfg), *[m.hash for m in embeds]], build)
 
 
 @task(name="diversify", task_run_name="diversify-{shard}", cache_policy=NO_CACHE)
@@ -252,7 +267,7 @@ def diversify(ctx: RunContext, shard: str, upstream: Marker, groups: Marker) -> 
     def compute():
         frame = ctx.read("embed", shard)
         frame["drop_reason"] = pd.Series(pd.NA, index=frame.index, dtype="str")
-        mine = pd.read_parquet(groups.output(".parquet"), filters=[("shard", "==", shard)])
+        mine = shards.read_parquet(groups.output(GROUPS) / f"{shard}.parquet")
         frame = image_stage.mark_duplicates(frame, mine)
         return Computed(image_stage.mark_nsfw(frame, cfg) if nsfw else frame)
 
@@ -290,36 +305,34 @@ def align(ctx: RunContext, shard: str, upstream: Marker, band: Marker) -> Marker
 @task(name="crossbatch-search", cache_policy=NO_CACHE)
 def crossbatch_search(ctx: RunContext, aligns: list[Marker], embeds: list[Marker], loaded: Marker) -> Marker:
     """Reduce (under the output root's commit lock): this run's survivors against the committed rows of every
-    run committed before it, in the model's LanceDB table. Re-computed when that set of runs changes."""
+    run committed before it, in the model's LanceDB table, as query partitions on the cluster; one matches
+    file per shard. Re-computed when that set of runs changes."""
     cfg = ctx.cfg("crossbatch")
     radius = ctx.cfg("dedup").threshold  # one redundancy radius, in the batch and across batches
     table_name = loaded.extra["table"]
     earlier = [r for r in lance.earlier_runs(ctx.lancedb, ctx.run_id) if r["table"] == table_name and table_name]
 
     def build(out: Path) -> dict:
-        survivors = {k for m in aligns for k in ctx.column("align", m.shard, "key")}
-        keys, _, vectors = _vectors(ctx, embeds, survivors)
-        table = lance.open_embeddings(ctx.lancedb, loaded.extra["identity"], create=False) if table_name else None
+        vectors = {m.shard: str(m.output(VECTORS)) for m in embeds}
+        queries = [crossbatch_stage.Query(m.shard, str(ctx.step_path("align", m.shard)), vectors[m.shard], m.kept)
+                   for m in aligns]
         runs = [r["run_id"] for r in earlier]
-        found, info = crossbatch_stage.search_committed(table, vectors, runs, radius, cfg)
-        matches = crossbatch_stage.match_frame(keys, found)
-        shards.write_parquet(matches, out)
-        return {"earlier_runs": runs, "queries": len(keys), "matches": int(len(matches)), "threshold": radius,
-                **info}
+        info = crossbatch_stage.search_batch(ctx.lancedb, loaded.extra["identity"] if table_name else None, queries,
+                                             runs, radius, cfg, out, _cluster_map())
+        return {"earlier_runs": runs, "threshold": radius, **info}
 
     identity = [{**config_dict(cfg), "threshold": radius}, loaded.hash, [(r["run_id"], r["seq"]) for r in earlier],
                 *[m.hash for m in aligns]]
-    return run_reduce(ctx, "crossbatch", ".parquet", identity, build)
+    return run_reduce(ctx, "crossbatch", MATCHES, identity, build)
 
 
 @task(name="crossbatch", task_run_name="crossbatch-{shard}", cache_policy=NO_CACHE)
 def crossbatch(ctx: RunContext, shard: str, upstream: Marker, search: Marker) -> Marker:
-    """`crossbatch.duplicate` on one shard, from the crossbatch search reduce."""
+    """`crossbatch.duplicate` on one shard, from its own file of the crossbatch search reduce."""
 
     def compute():
-        frame = ctx.read("align", shard)
-        matches = shards.read_parquet(search.output(".parquet"))
-        return Computed(crossbatch_stage.mark_crossbatch(frame, matches[matches["key"].isin(frame["key"])]))
+        matches = shards.read_parquet(search.output(MATCHES) / f"{shard}.parquet")
+        return Computed(crossbatch_stage.mark_crossbatch(ctx.read("align", shard), matches))
 
     return pipeline.shard_step(ctx, "crossbatch", shard, [upstream.hash, search.hash], compute)
 
@@ -346,7 +359,7 @@ def commit(ctx: RunContext, writes: list[Marker], loaded: Marker) -> Marker:
     next place in the commit order. Exactly once: the register is checked before anything is marked."""
 
     def build(out: Path) -> dict:
-        kept = [k for m in writes for k in ctx.column("crossbatch", m.shard, "key")]
+        kept = (k for m in writes for k in ctx.column("crossbatch", m.shard, "key"))  # a shard at a time
         result = lance.commit_run(ctx.lancedb, loaded.extra["table"], ctx.run_id, ctx.snapshot, kept)
         shards.write_json(result, out)
         return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +32,11 @@ class DedupConfig:
     block_rows: int = 4096  # rows a side of each matmul block: a block's similarities are at most 64 MiB
     seed: int = 0  # training sample and k-means initialisation
     giant_group: int = 1000  # groups at least this large are reported as giant (a warning)
+    # dedup_batch, the partitioned form over a batch's shard files (each bound holds whatever the batch's size):
+    partition_mb: int = 256  # vectors one search task holds; a batch above it is split into coarse cells
+    spill: int = 4  # cells each row goes to, nearest first; a pair is linked where both rows share a cell
+    #   (planted-pair share sharing one: 0.98 at 128 cells on bench/dedup.py's cone, 0.84 with 2)
+    chunk_rows: int = 100_000  # rows (whole shards) one read, assign or write task holds
 
 
 @dataclass(frozen=True)
@@ -346,8 +351,11 @@ def union_find(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     return parent
 
 
-def keepers(vectors: np.ndarray, groups: np.ndarray, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def keepers(vectors: np.ndarray, groups: np.ndarray, block_rows: int = 4096,
+            weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(keep, distance to the group mean) per row: keep, per group, the member nearest its normalised mean.
+
+    `weights` counts each row that many times in its group's mean (a row standing for its exact copies).
 
     Distances within TIE of the group's smallest count as equal and the lowest row index among them wins: in a
     2-member group both members are equally far from the mean, so the earlier row is kept. Singletons are kept
@@ -377,7 +385,10 @@ def keepers(vectors: np.ndarray, groups: np.ndarray, block_rows: int = 4096) -> 
         for s in _chunks(len(rows), block_rows):
             seg = local[s]
             runs = np.flatnonzero(np.concatenate(([True], seg[1:] != seg[:-1])))
-            sums[seg[runs]] += np.add.reduceat(np.asarray(vectors[rows[s]], np.float64), runs, axis=0)
+            x = np.asarray(vectors[rows[s]], np.float64)
+            if weights is not None:
+                x *= np.asarray(weights, np.float64)[rows[s], None]
+            sums[seg[runs]] += np.add.reduceat(x, runs, axis=0)
         means = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-300)
         dist = np.empty(len(rows), np.float64)
         for s in _chunks(len(rows), block_rows):
@@ -540,3 +551,381 @@ def jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+# ---- partitioned: one batch's shard files, as tasks a cluster can spread ------------------------------------------
+#
+# dedup_batch runs the same rule over a batch too large for one process. Every task holds a bounded share:
+#   sample  (per chunk of whole shards)  the rows of one random sample of the batch;
+#   train   (once)                        coarse cells (spherical k-means, centred) and the report's clusters;
+#   assign  (per chunk)                   exact copies collapsed; each other row to its `spill` nearest cells;
+#   search  (per cell)                    the matrix-product search (exact, or IVF above exact_max_rows) inside
+#                                         the cell; a pair is kept by the first cell both rows share, so once;
+#   group   (once)                        union-find over the edges alone (rows in no edge are singletons);
+#   shuffle (per chunk)                   each grouped row's vector to its group's bucket (copies as a weight);
+#   keepers (per bucket)                  the member nearest its group's mean, lowest row on a tie;
+#   write   (per chunk)                   one groups file per shard, every row of the shard.
+# Rows are numbered across the batch in file order, as dedup() would number the stacked vectors.
+
+Mapper = Callable[[Callable, list], list]  # map(fn, items) -> results in order: a cluster's, or serial_map
+
+
+def serial_map(fn: Callable, items: list) -> list:
+    return [fn(x) for x in items]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Whole shards read together: their (shard, vectors file), rows each, and the batch row of the first."""
+
+    index: int
+    files: tuple[tuple[str, str], ...]
+    rows: tuple[int, ...]
+    start: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + sum(self.rows)
+
+
+@dataclass(frozen=True)
+class _Index:
+    cells: int
+    spill: int
+    centroids: np.ndarray | None  # cells x dim, None for one cell
+    centre: np.ndarray | None
+    clusters: np.ndarray | None  # the report's k-means centroids, None below 10 rows
+    block_rows: int
+
+
+def plan_chunks(files: list[tuple[str, str]], chunk_rows: int) -> list[Chunk]:
+    """Consecutive shard files in chunks of at most `chunk_rows` rows (a larger shard is a chunk of its own)."""
+    import pyarrow.parquet as pq
+
+    chunks, group, counts, start = [], [], [], 0
+    for shard, path in files:
+        rows = pq.ParquetFile(path).metadata.num_rows
+        if group and sum(counts) + rows > chunk_rows:
+            chunks.append(Chunk(len(chunks), tuple(group), tuple(counts), start))
+            start += sum(counts)
+            group, counts = [], []
+        group.append((shard, path))
+        counts.append(rows)
+    if group:
+        chunks.append(Chunk(len(chunks), tuple(group), tuple(counts), start))
+    return chunks
+
+
+def read_chunk(chunk: Chunk) -> tuple[list, list, np.ndarray]:
+    """(keys, shard ids, float32 vectors) of a chunk's rows, in order."""
+    from tasks.embed import stack_vectors
+
+    return stack_vectors(list(chunk.files))
+
+
+def first_copies(vectors: np.ndarray, block_rows: int = 16_384) -> np.ndarray:
+    """Per row, the lowest row holding the bit-identical vector (itself when it has none before it).
+
+    Rows are hashed on their bytes (a random multiply-add mod 2**64), then confirmed equal, so a hash collision
+    only leaves two rows apart, never joins different vectors.
+    """
+    v = np.ascontiguousarray(vectors, np.float32)
+    n = len(v)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    words = v.view(np.uint32)
+    mult = np.random.default_rng(0x5EED).integers(1, 2**63, v.shape[1], dtype=np.uint64) | np.uint64(1)
+    h = np.empty(n, np.uint64)
+    for s in _chunks(n, block_rows):
+        h[s] = (words[s].astype(np.uint64) * mult).sum(axis=1)
+    order = np.argsort(h, kind="stable")  # a run of equal hashes starts at its lowest row
+    hs = h[order]
+    run_start = np.concatenate(([True], hs[1:] != hs[:-1]))
+    rep = np.empty(n, np.int64)
+    rep[order] = order[np.maximum.accumulate(np.where(run_start, np.arange(n), 0))]
+    for s in _chunks(n, block_rows):
+        differ = ~(v[rep[s]] == v[s]).all(axis=1)
+        rep[s][differ] = np.arange(s.start, s.stop)[differ]
+    return rep
+
+
+def _save(path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+
+
+def _load(paths, *names) -> list[np.ndarray]:
+    """The arrays `names` of npz files, each concatenated over the files in order."""
+    parts = {k: [] for k in names}
+    for p in paths:
+        with np.load(p) as z:
+            for k in names:
+                parts[k].append(z[k])
+    return [np.concatenate(parts[k]) if parts[k] else np.zeros(0) for k in names]
+
+
+def _sample_chunk(chunk: Chunk, batch_rows: np.ndarray) -> np.ndarray:
+    """The vectors of the sampled batch rows that fall in this chunk."""
+    mine = batch_rows[(batch_rows >= chunk.start) & (batch_rows < chunk.stop)] - chunk.start
+    return read_chunk(chunk)[2][mine] if len(mine) else np.zeros((0, 0), np.float32)
+
+
+def _assign_chunk(chunk: Chunk, index: _Index, work) -> dict:
+    """Collapse the chunk's exact copies (copy -> lowest row, an edge), spill the other rows into their cells."""
+    try:
+        v = check_vectors(read_chunk(chunk)[2])
+    except ValueError as error:  # which shards: the chunk is the unit the message can name
+        raise ValueError(f"{error} (in shards {chunk.files[0][0]}..{chunk.files[-1][0]})") from None
+    n = len(v)
+    rep = first_copies(v)
+    copy = np.flatnonzero(rep != np.arange(n))
+    _save(work / "copies" / f"{chunk.index:05d}.npz", i=rep[copy] + chunk.start, j=copy + chunk.start)
+    own = np.flatnonzero(rep == np.arange(n))
+    if not len(own):
+        return {"rows": n, "copies": int(len(copy)), "clusters": None}
+    if index.cells > 1:
+        cells = _nearest(v[own], index.centroids, index.spill, index.block_rows, index.centre)[0]
+    else:
+        cells = np.zeros((len(own), 1), np.int32)
+    order = np.argsort(cells.ravel(), kind="stable")  # (row, cell) entries by cell, rows ascending within one
+    by_cell = cells.ravel()[order]
+    bounds = np.flatnonzero(np.concatenate(([True], by_cell[1:] != by_cell[:-1], [True])))
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        rows = own[order[a:b] // cells.shape[1]]
+        _save(work / "cells" / f"{by_cell[a]:05d}" / f"{chunk.index:05d}.npz", rows=rows + chunk.start,
+              cells=cells[order[a:b] // cells.shape[1]], vectors=v[rows])
+    clusters = None
+    if index.clusters is not None and n:
+        label = _nearest(v, index.clusters, 1, index.block_rows)[0][:, 0]
+        clusters = np.bincount(label, minlength=len(index.clusters))
+    return {"rows": n, "copies": int(len(copy)), "clusters": clusters}
+
+
+def _search_cell(cell: int, index: _Index, config: DedupConfig, work) -> dict:
+    """The links inside one cell: copies across chunks, then the matrix-product search over distinct vectors.
+    A row sits in every one of its cells, so each pair is kept only in the first cell its two rows share."""
+    files = sorted((work / "cells" / f"{cell:05d}").glob("*.npz"))
+    rows, cells, v = _load(files, "rows", "cells", "vectors")
+    if not len(rows):
+        return {"rows": 0, "pairs": 0, "copies": 0, "method": "none"}
+    total = int(len(rows))
+    rep = first_copies(v)  # files come in chunk order, rows ascending: the first copy is the lowest row
+    own = rep == np.arange(len(v))
+    copy = np.flatnonzero(~own & (cells.min(axis=1) == cell))  # identical vectors share their cells: once
+    ci, cj = [rows[rep[copy]]], [rows[copy]]
+    keep = np.flatnonzero(own)
+    rows, cells, v = rows[keep], cells[keep], v[keep]
+    stream, method, _, _ = _links(v, config)
+    pairs, dist = 0, [np.zeros(len(copy), np.float32)]
+    for i, j, d in stream:
+        if index.cells > 1 and i.size:
+            shared = (cells[i][:, :, None] == cells[j][:, None, :]).any(axis=2)
+            first = np.where(shared, cells[i], np.iinfo(np.int32).max).min(axis=1)
+            i, j, d = i[first == cell], j[first == cell], d[first == cell]
+        if i.size:
+            ci.append(np.minimum(rows[i], rows[j]))
+            cj.append(np.maximum(rows[i], rows[j]))
+            dist.append(d)
+            pairs += int(i.size)
+    _save(work / "edges" / f"{cell:05d}.npz", i=np.concatenate(ci), j=np.concatenate(cj), d=np.concatenate(dist))
+    return {"rows": total, "pairs": pairs, "copies": int(len(copy)), "method": method}
+
+
+def _group(work, chunks: list[Chunk], n: int, dim: int, config: DedupConfig) -> tuple[dict, int]:
+    """Union-find over every edge: groups, sizes and the report's stats; the grouped rows of each chunk are
+    written for the passes that follow. Returns (stats, buckets for the keepers)."""
+    paths = sorted((work / "edges").glob("*.npz")) + sorted((work / "copies").glob("*.npz"))
+    i, j = (np.asarray(a, np.int64) for a in _load(paths, "i", "j"))
+    nodes = np.unique(np.concatenate([i, j]))
+    parent = np.arange(len(nodes), dtype=np.int64)
+    _union(parent, np.searchsorted(nodes, i), np.searchsorted(nodes, j))  # roots are the smallest batch rows
+    del i, j
+    size = np.bincount(parent, minlength=len(nodes))
+    roots = np.flatnonzero(parent == np.arange(len(nodes)))
+    sizes = size[roots]
+    values, counts = np.unique(sizes, return_counts=True)
+    giant = np.flatnonzero(sizes >= max(config.giant_group, 2))
+    giant = giant[np.argsort(-sizes[giant], kind="stable")]
+    stats = {
+        "group_size_hist": {int(s): int(c) for s, c in zip(values, counts, strict=True)},
+        "groups": int(len(roots)),
+        "rows_in_groups": int(len(nodes)),
+        "duplicates_dropped": int(len(nodes) - len(roots)),
+        "largest_group": int(sizes.max()) if len(sizes) else min(n, 1),
+        "giant_groups": [(int(nodes[roots[g]]), int(sizes[g])) for g in giant],
+    }
+    for c in chunks:
+        a, b = np.searchsorted(nodes, [c.start, c.stop])
+        _save(work / "nodes" / f"{c.index:05d}.npz", row=nodes[a:b], root=nodes[parent[a:b]], size=size[parent[a:b]])
+    buckets = max(1, math.ceil(len(nodes) / _partition_rows(config, 4 * dim)))
+    return stats, buckets
+
+
+def _partition_rows(config: DedupConfig, bytes_per_row: int) -> int:
+    return max(1, (config.partition_mb << 20) // max(bytes_per_row, 1))
+
+
+def _copy_map(chunk: Chunk, work) -> tuple[np.ndarray, np.ndarray]:
+    """(copy row, the lowest row of its copies) within the chunk, by copy row."""
+    rep, copy = (np.asarray(a, np.int64) for a in _load([work / "copies" / f"{chunk.index:05d}.npz"], "i", "j"))
+    return copy, rep
+
+
+def _shuffle_chunk(chunk: Chunk, buckets: int, work) -> int:
+    """Each grouped row of the chunk (an exact copy only as a weight on its lowest row) to its group's bucket."""
+    row, root = (np.asarray(a, np.int64) for a in _load([work / "nodes" / f"{chunk.index:05d}.npz"], "row", "root"))
+    if not len(row):
+        return 0
+    keys, _, v = read_chunk(chunk)
+    copy, rep = _copy_map(chunk, work)
+    weight = np.ones(len(row), np.int64)
+    np.add.at(weight, np.searchsorted(row, rep), 1)
+    sent = ~np.isin(row, copy)
+    row, root, weight = row[sent], root[sent], weight[sent]
+    key = np.asarray(keys, dtype=object)[row - chunk.start].astype(str)
+    bucket = root % buckets
+    for b in np.unique(bucket):
+        mine = bucket == b
+        _save(work / "keep" / f"{b:05d}" / f"{chunk.index:05d}.npz", row=row[mine], root=root[mine],
+              weight=weight[mine], key=key[mine], vectors=v[row[mine] - chunk.start])
+    return int(sent.sum())
+
+
+def _keep_bucket(bucket: int, starts: np.ndarray, config: DedupConfig, work) -> int:
+    """Keepers of the bucket's groups, written per chunk: keep, distance to the mean, the group's key."""
+    files = sorted((work / "keep" / f"{bucket:05d}").glob("*.npz"))
+    row, root, weight, key, v = _load(files, "row", "root", "weight", "key", "vectors")
+    if not len(row):
+        return 0
+    order = np.argsort(row, kind="stable")  # the lowest batch row wins a tie, as in dedup()
+    row, root, weight, key, v = row[order], root[order], weight[order], key[order], v[order]
+    keep, distance = keepers(v, root, config.block_rows, weights=weight)
+    is_root = row == root
+    group_key = key[is_root][np.searchsorted(row[is_root], root)]
+    chunk_of = np.searchsorted(starts, row, side="right") - 1
+    for c in np.unique(chunk_of):
+        mine = chunk_of == c
+        _save(work / "kept" / f"{c:05d}" / f"{bucket:05d}.npz", row=row[mine], keep=keep[mine],
+              distance=distance[mine], group_key=group_key[mine])
+    return int(len(row))
+
+
+def _write_chunk(chunk: Chunk, work, out) -> int:
+    """One groups file per shard of the chunk: every row, its group's key and size, kept or not."""
+    import pyarrow.parquet as pq
+
+    from tasks.io.shards import write_parquet
+
+    n = chunk.stop - chunk.start
+    keys = np.empty(n, object)
+    at = 0
+    for (_, path), rows in zip(chunk.files, chunk.rows, strict=True):
+        keys[at:at + rows] = pq.read_table(path, columns=["key"]).column("key").to_pylist()
+        at += rows
+    group_key, size = keys.copy(), np.ones(n, np.int64)
+    keep, distance = np.ones(n, bool), np.zeros(n, np.float32)
+    row, gsize = _load([work / "nodes" / f"{chunk.index:05d}.npz"], "row", "size")
+    size[np.asarray(row, np.int64) - chunk.start] = gsize
+    kept = sorted((work / "kept" / f"{chunk.index:05d}").glob("*.npz"))
+    row, k, d, g = _load(kept, "row", "keep", "distance", "group_key")
+    local = np.asarray(row, np.int64) - chunk.start
+    keep[local], distance[local], group_key[local] = k.astype(bool), d, g
+    copy, rep = (a - chunk.start for a in _copy_map(chunk, work))
+    keep[copy], distance[copy], group_key[copy] = False, distance[rep], group_key[rep]
+    at = 0
+    for (shard, _), rows in zip(chunk.files, chunk.rows, strict=True):
+        s = slice(at, at + rows)
+        at += rows
+        write_parquet(pd.DataFrame({
+            "key": pd.Series(keys[s], dtype="str"), "shard": pd.Series([shard] * rows, dtype="str"),
+            "group_key": pd.Series(group_key[s], dtype="str"), "group_size": pd.Series(size[s], dtype="int64"),
+            "keep": pd.Series(keep[s], dtype=bool), "distance_to_mean": pd.Series(distance[s], dtype="float32"),
+        }), out / f"{shard}.parquet")
+    return n
+
+
+SAMPLE_PER_CELL = 256  # training rows per coarse cell
+
+
+def _dim(chunks: list[Chunk]) -> int:
+    """The vectors' dimension, from the first shard that has rows (0 for a batch without any)."""
+    for c in chunks:
+        for f, rows in zip(c.files, c.rows, strict=True):
+            if rows:
+                return int(read_chunk(Chunk(0, (f,), (rows,), 0))[2].shape[1])
+    return 0
+
+
+def _train_index(sample: np.ndarray, n: int, cells: int, config: DedupConfig) -> _Index:
+    cells = min(cells, max(1, len(sample)))
+    centroids = centre = clusters = None
+    rng = np.random.default_rng(config.seed)
+    if cells > 1:
+        centroids, centre = _train(sample, cells, config.train_iters, config.seed, None, config.block_rows,
+                                   centred=True)
+    k = min(CLUSTERS, n // 5)
+    if k >= 2:
+        rows = np.sort(rng.choice(len(sample), min(len(sample), 50 * k), replace=False))
+        clusters, _ = _train(sample[rows], k, 10, config.seed, None, config.block_rows)
+    return _Index(len(centroids) if centroids is not None else 1, min(config.spill, cells), centroids, centre,
+                  clusters, config.block_rows)
+
+
+def dedup_batch(files: list[tuple[str, str]], config: DedupConfig, work, out, map_fn: Mapper = serial_map) -> dict:
+    """The redundancy rule over a batch's vectors files `(shard, path)`: one groups file per shard under `out`
+    (`<shard>.parquet`: key, shard, group_key, group_size, keep, distance_to_mean, as group_frame), and the
+    report's figures. `work` holds the tasks' hand-offs and is removed after. `map_fn` spreads the tasks."""
+    import shutil
+    from functools import partial
+    from pathlib import Path
+
+    work, out = Path(work), Path(out)
+    shutil.rmtree(work, ignore_errors=True)  # a killed build's leftovers
+    seconds = {}
+    t0 = time.perf_counter()
+    chunks = plan_chunks(files, config.chunk_rows)
+    n = sum(c.stop - c.start for c in chunks)
+    dim = _dim(chunks)
+    per_cell = _partition_rows(config, 4 * dim)
+    cells = 1 if n <= per_cell else math.ceil(n * config.spill / per_cell)
+    estimate = min(n, max(50 * CLUSTERS, SAMPLE_PER_CELL * cells))  # the report's clusters and the cells
+    batch_rows = np.sort(np.random.default_rng(config.seed).choice(n, estimate, replace=False)) if n else np.zeros(0)
+    parts = [p for p in map_fn(partial(_sample_chunk, batch_rows=batch_rows), chunks) if len(p)]
+    sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    index = _train_index(sample, n, cells, config)
+    seconds["index"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assigned = map_fn(partial(_assign_chunk, index=index, work=work), chunks)
+    searched = map_fn(partial(_search_cell, index=index, config=config, work=work), list(range(index.cells)))
+    seconds["search"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stats, buckets = _group(work, chunks, n, dim, config)
+    map_fn(partial(_shuffle_chunk, buckets=buckets, work=work), chunks)
+    starts = np.array([c.start for c in chunks], np.int64)
+    map_fn(partial(_keep_bucket, starts=starts, config=config, work=work), list(range(buckets)))
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    map_fn(partial(_write_chunk, work=work, out=tmp), chunks)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    seconds["keepers"] = time.perf_counter() - t0
+    if stats["giant_groups"]:  # a logo or placeholder image repeated across sites, or a threshold too loose
+        logger.warning("dedup: %d groups of %d rows or more, the largest %d rows (group %d)",
+                       len(stats["giant_groups"]), config.giant_group, *stats["giant_groups"][0][::-1])
+    counts = [a["clusters"] for a in assigned if a["clusters"] is not None]
+    methods = {s["method"] for s in searched} - {"none"}
+    return {
+        "rows": n, "pairs": sum(s["pairs"] + s["copies"] for s in searched) + sum(a["copies"] for a in assigned),
+        "method": "ivf" if index.cells > 1 or "ivf" in methods else "exact", "threshold": config.threshold,
+        **stats, "cells": index.cells, "spill": index.spill,
+        "exact_copies": sum(a["copies"] for a in assigned) + sum(s["copies"] for s in searched),
+        "largest_cell_rows": max((s["rows"] for s in searched), default=0),
+        "cluster_sizes": sorted((int(c) for c in np.sum(counts, axis=0)), reverse=True) if counts else
+        ([n] if n else []),
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }

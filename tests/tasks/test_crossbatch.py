@@ -8,8 +8,18 @@ import pandas as pd
 import pytest
 from unit_vectors import PH, at_distance, vectors_frame
 
-from tasks.crossbatch import CrossbatchConfig, ann_recall, mark_crossbatch, match_frame, search_committed
+from tasks.crossbatch import (
+    CrossbatchConfig,
+    Query,
+    ann_recall,
+    mark_crossbatch,
+    match_frame,
+    plan_queries,
+    search_batch,
+    search_committed,
+)
 from tasks.io.lance import commit_run, ensure_index, open_embeddings, upsert_embeddings
+from tasks.io.shards import write_parquet
 
 
 def test_matched_rows_are_dropped_and_say_what_they_repeat():
@@ -80,3 +90,54 @@ def test_search_finds_committed_rows_within_the_radius_only(tmp_path, indexed):
     assert search_committed(table, queries, [], 0.1, config)[0][0].size == 0  # no earlier run: nothing to compare
     none = search_committed(None, queries, ["run-1"], 0.1, config)  # no embeddings table yet
     assert none[0][0].size == 0 and none[1] == {"method": "none", "committed_rows": 0}
+
+
+def _batch(folder, queries: np.ndarray, sizes: list[int]) -> list[Query]:
+    """The queries as shards: survivors files (every other key: the rest were dropped before crossbatch) and the
+    embed step's vectors files, holding the dropped rows too."""
+    shards, at = [], 0
+    for k, size in enumerate(sizes):
+        keys = [f"q{i}" for i in range(at, at + size)]
+        vectors = pd.DataFrame({"key": keys + [f"x{k}"], "sha256": ["0" * 64] * (size + 1),
+                                "vector": list(queries[at:at + size]) + [queries[0]]})  # x<k> is not a survivor
+        write_parquet(vectors, folder / f"{k:05d}.vectors.parquet")
+        write_parquet(pd.DataFrame({"key": keys}), folder / f"{k:05d}.parquet")
+        shards.append(Query(f"{k:05d}", str(folder / f"{k:05d}.parquet"), str(folder / f"{k:05d}.vectors.parquet"),
+                            size))
+        at += size
+    return shards
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_batch_searched_in_several_tasks_finds_what_one_search_finds(tmp_path, indexed):
+    rng = np.random.default_rng(4)
+    uri = str(tmp_path / "lancedb")
+    committed = vectors_frame([f"c{i}" for i in range(400)], seed=6, dim=8)
+    name = upsert_embeddings(uri, PH, "run-1", "S", committed)
+    commit_run(uri, name, "run-1", "S", (f"c{i}" for i in range(0, 400, 2)))
+    vecs = np.stack(committed["vector"].to_list())
+    queries = np.stack([at_distance(vecs[rng.integers(400)], d, rng) for d in rng.uniform(0, 0.2, 60)])
+    config = CrossbatchConfig(index_min_rows=256 if indexed else 10**9, nprobes=16, refine_factor=20,
+                              recall_sample=30, chunk_rows=15)
+    table = open_embeddings(uri, PH)
+    ensure_index(table, config.index_min_rows)
+    want, want_info = search_committed(table, queries, ["run-1"], 0.1, config)
+    shards = _batch(tmp_path, queries, [10, 0, 5, 25, 20])  # an empty shard among them
+    assert [[q.shard for q in c] for c in plan_queries(shards, 15)] == [["00000", "00001", "00002"], ["00003"],
+                                                                        ["00004"]]
+    out = tmp_path / "matches"
+    info = search_batch(uri, PH, shards, ["run-1"], 0.1, config, out)
+    got = pd.concat([pd.read_parquet(out / f"{q.shard}.parquet").assign(shard=q.shard) for q in shards])
+    expected = match_frame([f"q{i}" for i in range(60)], want)
+    assert sorted(got["key"]) == sorted(expected["key"]) and len(got) > 5
+    assert got.set_index("key")["match_key"].to_dict() == expected.set_index("key")["match_key"].to_dict()
+    shard_of = {f"q{i}": f"{k:05d}" for k, (a, b) in enumerate([(0, 10), (10, 10), (10, 15), (15, 40), (40, 60)])
+                for i in range(a, b)}
+    assert all(shard_of[k] == s for k, s in zip(got["key"], got["shard"], strict=True))  # each in its own file
+    assert info["queries"] == 60 and info["matches"] == len(got) and info["tasks"] == 3
+    assert info["method"] == want_info["method"] and info["committed_rows"] == 200
+    if indexed:
+        assert info["recall_sample"] == 30 and info["pair_recall"] == 1.0
+    nothing = search_batch(uri, PH, shards, [], 0.1, config, out)  # no earlier run: empty files, no search
+    assert nothing["method"] == "none" and nothing["matches"] == 0
+    assert all(pd.read_parquet(out / f"{q.shard}.parquet").empty for q in shards)

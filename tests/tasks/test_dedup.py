@@ -6,6 +6,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from tasks.dedup import (
@@ -14,13 +15,17 @@ from tasks.dedup import (
     _buckets,
     _union,
     dedup,
+    dedup_batch,
     find_cross_pairs,
     find_pairs,
+    first_copies,
+    group_frame,
     keepers,
     kmeans,
     pair_recall,
     union_find,
 )
+from tasks.io.shards import write_parquet
 
 DIM = 32
 
@@ -326,3 +331,98 @@ def test_kmeans_finds_separated_clusters():
     for k in range(3):  # each found cluster is exactly one true cluster
         assert len(np.unique(truth[assignment == k])) == 1
     assert kmeans(v[:2], 5)[0].shape == (2, DIM)  # k is capped at the rows
+
+
+# ---- dedup_batch: the same rule over shard files, as partition tasks -------------------------------------------
+
+
+def _shard_files(v: np.ndarray, folder, sizes: list[int]) -> list[tuple[str, str]]:
+    """The rows as the embed step's vectors files, `sizes` rows each in order (0: an empty shard), keys k<row>."""
+    files, at = [], 0
+    for k, size in enumerate(sizes):
+        rows = range(at, at + size)
+        frame = pd.DataFrame({"key": pd.Series([f"k{i}" for i in rows], dtype="str"),
+                              "vector": pd.Series(list(v[at:at + size]), dtype="object"),
+                              "sha256": pd.Series(["0" * 64] * size, dtype="str")})
+        path = folder / f"{k:05d}.vectors.parquet"
+        write_parquet(frame, path)
+        files.append((f"{k:05d}", str(path)))
+        at += size
+    assert at == len(v)
+    return files
+
+
+def _batch_groups(files, config, tmp_path) -> tuple[dict, pd.DataFrame]:
+    out = tmp_path / "groups"
+    stats = dedup_batch(files, config, tmp_path / "work", out)
+    assert sorted(p.name for p in out.iterdir()) == [f"{s}.parquet" for s, _ in files]  # one file a shard
+    assert not (tmp_path / "work").exists()
+    frames = [pd.read_parquet(out / f"{s}.parquet") for s, _ in files]
+    for (shard, _), f in zip(files, frames, strict=True):
+        assert (f["shard"] == shard).all()
+    return stats, pd.concat(frames, ignore_index=True)
+
+
+def _same_groups(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    for col in ("key", "group_key", "group_size", "keep"):
+        assert got[col].tolist() == want[col].tolist(), col
+    assert np.allclose(got["distance_to_mean"], want["distance_to_mean"], atol=1e-5)
+
+
+@pytest.mark.parametrize("cells", [False, True])
+def test_a_batch_of_shard_files_gets_the_groups_and_keepers_of_exact_search(tmp_path, cells):
+    v, planted = _cone(6000, seed=3)
+    v[[100, 2000, 5999]] = v[5]  # exact copies of one row, in different shards and chunks
+    sizes = [700] * 8 + [0] + [400]  # an empty shard among them
+    config = DedupConfig(partition_mb=1, chunk_rows=2000) if cells else DedupConfig()
+    stats, got = _batch_groups(_shard_files(v, tmp_path, sizes), config, tmp_path)
+    exact = dedup(v, DedupConfig(exact_max_rows=10**9))
+    _same_groups(got, group_frame([f"k{i}" for i in range(len(v))], [""] * len(v), exact))
+    assert stats["rows"] == 6000 and stats["groups"] == exact.stats["groups"] > 0
+    assert stats["group_size_hist"] == exact.stats["group_size_hist"]
+    assert stats["duplicates_dropped"] == exact.stats["duplicates_dropped"]
+    assert stats["exact_copies"] == 3  # three rows collapsed onto row 5 before the search
+    assert sum(stats["cluster_sizes"]) == 6000 and stats["cluster_sizes"] == sorted(stats["cluster_sizes"])[::-1]
+    if cells:  # 1 MiB of 128-d rows a cell: 2,048 rows; each row in 4 cells
+        assert stats["method"] == "ivf" and stats["cells"] == 12 and stats["spill"] == 4
+        assert stats["largest_cell_rows"] <= 2 * 2048
+    else:
+        assert stats["method"] == "exact" and stats["cells"] == 1 and stats["pairs"] == exact.pairs - 3
+
+
+def test_a_giant_exact_copy_group_over_many_shards_is_one_group_at_linear_cost(tmp_path):
+    v, _ = _cone(3000, seed=4)
+    copies = np.arange(3, 3000, 3)  # 999 copies of row 0, in every shard
+    v[copies] = v[0]
+    config = DedupConfig(giant_group=500, partition_mb=1, chunk_rows=600)
+    stats, got = _batch_groups(_shard_files(v, tmp_path, [300] * 10), config, tmp_path)
+    giant = got.iloc[np.concatenate(([0], copies))]
+    assert (giant["group_key"] == "k0").all() and giant["keep"].tolist() == [True] + [False] * 999
+    assert (giant["group_size"] >= 1000).all() and (giant["distance_to_mean"].abs() < 1e-5).all()
+    assert stats["giant_groups"][0][0] == 0 and stats["giant_groups"][0][1] >= 1000
+    assert stats["exact_copies"] == 999
+    # each chunk sends one row of the copies to the search, not 999: the search work is what it is without them
+    assert stats["largest_cell_rows"] <= 2001 + 5 and stats["pairs"] < 999 + 2000
+
+
+def test_first_copies_point_each_row_at_the_lowest_identical_one():
+    e = _basis(3)
+    v = _f32([e[1], e[0], e[1], e[2], e[0], e[1]])
+    assert first_copies(v).tolist() == [0, 1, 0, 3, 1, 0]
+    near = v.copy()
+    near[2, 0] = np.nextafter(near[2, 0], np.float32(2))  # one bit apart: not a copy
+    assert first_copies(near).tolist() == [0, 1, 2, 3, 1, 0]
+    assert first_copies(np.zeros((0, 4), np.float32)).tolist() == []
+
+
+def test_an_empty_batch_writes_an_empty_file_per_shard(tmp_path):
+    stats, got = _batch_groups(_shard_files(np.zeros((0, 8), np.float32), tmp_path, [0, 0]), DedupConfig(),
+                               tmp_path)
+    assert got.empty and stats["rows"] == 0 and stats["groups"] == 0 and stats["cluster_sizes"] == []
+
+
+def test_a_batch_with_rows_that_are_not_unit_vectors_raises(tmp_path):
+    v = _f32(_basis(6))
+    v[4] *= 2
+    with pytest.raises(ValueError, match=r"1 of 6 rows .*\(in shards 00000..00001\)"):
+        dedup_batch(_shard_files(v, tmp_path, [3, 3]), DedupConfig(), tmp_path / "work", tmp_path / "out")

@@ -154,3 +154,33 @@ def test_nearest_searches_see_only_the_committed_rows_of_the_named_runs(tmp_path
         assert dist[0] == pytest.approx(0.02, abs=1e-3) and dist.dtype == np.float32
     assert scan[1].tolist() == flat[1].tolist() and np.allclose(scan[3], flat[3], atol=1e-4)
     assert nearest_scan(table, queries, committed_filter(["run-9"]), block=7)[0].size == 0  # no such run
+
+
+def test_a_commit_streams_its_keys_and_the_indexed_search_sees_the_rows_it_committed(tmp_path):
+    uri = str(tmp_path / "lancedb")
+    first = vectors_frame([f"a{i}" for i in range(300)], seed=3)
+    name = upsert_embeddings(uri, PH, "run-1", "S", first)
+    commit_run(uri, name, "run-1", "S", [])
+    second = vectors_frame([f"b{i}" for i in range(300)], seed=4)
+    upsert_embeddings(uri, PH, "run-2", "S", second)
+    table = open_embeddings(uri, PH)
+    ensure_index(table, 256)  # the index covers run-2's rows before they are committed
+    kept = (f"b{i}" for i in range(0, 300, 3))
+    result = commit_run(uri, name, "run-2", "S", kept, chunk_rows=7)  # a generator, 7 keys a merge
+    assert result == {"run_id": "run-2", "seq": 2, "rows": 100, "new": True}
+    rows = _rows(uri, name)
+    committed = set(rows.loc[rows["committed"], "row_id"])
+    assert committed == {f"run-2/b{i}" for i in range(0, 300, 3)} and rows["row_id"].is_unique
+    assert any(i.columns == ["row_id"] for i in table.list_indices())
+    table.checkout_latest()
+    vecs = np.stack(second["vector"].to_list())
+    found = nearest_indexed(table, vecs[:6], committed_filter(["run-2"]), nprobes=32, refine_factor=20, batch=6)
+    assert found[1].tolist()[::3] == ["b0", "b3"] and (found[3][::3] < 1e-4).all()
+
+
+def test_a_commit_naming_a_row_without_an_embedding_registers_nothing(tmp_path):
+    uri = str(tmp_path / "lancedb")
+    name = upsert_embeddings(uri, PH, "run-1", "S", vectors_frame(["a", "b"]))
+    with pytest.raises(RuntimeError, match="1 kept rows have no embedding"):
+        commit_run(uri, name, "run-1", "S", iter(["a", "zz"]))
+    assert earlier_runs(uri, "other") == []
