@@ -56,6 +56,7 @@ class TreeRss:
         self.root = psutil.Process(pid)
         self.peak_mb = 0.0
         self.max_process_mb = 0.0
+        self.by_role: dict[str, float] = {}  # role -> the peak of its processes' summed RSS
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(every_s,), daemon=True)
         self._thread.start()
@@ -69,19 +70,35 @@ class TreeRss:
             except psutil.Error:
                 return
             total = 0.0
+            roles: dict[str, float] = {}
             for p in procs:
                 try:
                     rss = p.memory_info().rss / 2**20
+                    role = _role(p.cmdline(), p is self.root)
                 except psutil.Error:
                     continue
                 total += rss
+                roles[role] = roles.get(role, 0.0) + rss
                 self.max_process_mb = max(self.max_process_mb, rss)
             self.peak_mb = max(self.peak_mb, total)
+            for role, rss in roles.items():
+                self.by_role[role] = max(self.by_role.get(role, 0.0), rss)
             self._stop.wait(every_s)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _role(cmdline: list[str], root: bool) -> str:
+    text = " ".join(cmdline)
+    if root:
+        return "flow"
+    if "prefect_server" in text or "uvicorn" in text:
+        return "prefect_server"
+    if "multiprocessing" in text:
+        return "dask"
+    return "other"
 
 
 def task_runs(db: Path) -> int:
@@ -106,6 +123,7 @@ def measure(warcs: list[str], out: Path, code: Path, batch: int) -> dict:
     runs = task_runs(db)
     return {"shards": len(warcs), "batch_size": batch, "wall_s": round(wall, 1),
             "tree_rss_mb": round(tree.peak_mb, 1), "max_process_rss_mb": round(tree.max_process_mb, 1),
+            "rss_mb_by_role": {k: round(v, 1) for k, v in sorted(tree.by_role.items())},
             "task_runs": runs, "db_mb": round(db.stat().st_size / 1e6, 2), "samples": child["samples"]}
 
 

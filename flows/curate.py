@@ -146,9 +146,13 @@ def _flow_run_name() -> str:
 
     params = flow_run.parameters.get("params")
     try:
-        return run_name(params if isinstance(params, CurateParams) else CurateParams.model_validate(params or {}))
+        params = params if isinstance(params, CurateParams) else CurateParams.model_validate(params or {})
     except ValueError:
         return "curate"
+    given = flow_run.name
+    if params.batch is not None and given and given.endswith(f"-b{params.batch}"):
+        return given  # a batch keeps the name its parent gave it: <run name>-b<k>
+    return run_name(params)
 
 
 # A local Dask cluster by default (or DANQING_DASK_ADDRESS's scheduler)
