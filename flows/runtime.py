@@ -12,10 +12,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+from flows.lifeline import popen as lifeline_popen
 from flows.settings import LocalClusterSpec, dask_address, prefect_api_url
 
 log = logging.getLogger("danqing")
 SCHEDULER_TIMEOUT_S = 10
+CLUSTER_START_ATTEMPTS = 3  # a worker process that dies while the local cluster starts fails only that attempt
+
+
+class ClusterStartError(RuntimeError):
+    """The local Dask cluster did not start in CLUSTER_START_ATTEMPTS attempts; a re-run resumes."""
 
 
 def worker_name() -> str | None:
@@ -64,7 +70,9 @@ def prefect_api(log_dir: Path, home: Path | None = None, startup_timeout_s: floa
     if home is not None:
         home.mkdir(parents=True, exist_ok=True)
         env["PREFECT_HOME"] = str(home)
-    proc = subprocess.Popen(
+    # Its own session, so Ctrl-C in the terminal reaches only this process, which still sends its last logs to
+    # the server before stopping it. On a lifeline: however this process ends, SIGKILL included, the server ends.
+    proc, lifeline = lifeline_popen(
         [sys.executable, "-m", "flows.prefect_server", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
@@ -97,6 +105,8 @@ def prefect_api(log_dir: Path, home: Path | None = None, startup_timeout_s: floa
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+        os.close(lifeline)
         logfile.close()
 
 
@@ -150,7 +160,34 @@ def task_runner(address: str | None, spec: LocalClusterSpec | None = None, work_
     }
     if work_dir is not None:
         kwargs["local_directory"] = str(work_dir)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+    return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs=kwargs)
+
+
+def local_cluster(attempts: int = CLUSTER_START_ATTEMPTS, **kwargs):
+    """A distributed.LocalCluster, started again when it fails to start.
+
+    One worker process that dies while the cluster starts (killed, out of memory) fails the whole start with
+    "Nanny failed to start" and the cluster closes what it had started; a fresh attempt then has fresh
+    processes. Once running, Dask's nannies restart dead workers and the scheduler re-runs their tasks.
+    """
+    from distributed import LocalCluster
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return LocalCluster(**kwargs)
+        except (RuntimeError, OSError, TimeoutError) as err:
+            cause = _root_cause(err)
+            if attempt == attempts:
+                raise ClusterStartError(f"the local Dask cluster did not start in {attempts} attempts ({cause}); "
+                                        "re-run the same command to resume from the finished shards") from err
+            log.warning("the local Dask cluster did not start (%s); starting it again (%d of %d)", cause,
+                        attempt + 1, attempts)
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
 
 
 def ensure_gpu_limit(slots: int) -> None:
