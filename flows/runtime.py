@@ -65,6 +65,7 @@ def prefect_api(log_dir: Path, home: Path | None = None, startup_timeout_s: floa
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     log_dir.mkdir(parents=True, exist_ok=True)
+    claim = _claim_home(home) if home is not None else None
     logfile = open(log_dir / "prefect-server.log", "ab")
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": url}
     if home is not None:
@@ -84,6 +85,8 @@ def prefect_api(log_dir: Path, home: Path | None = None, startup_timeout_s: floa
             if time.monotonic() > deadline:
                 raise RuntimeError(f"prefect server not healthy after {startup_timeout_s:.0f} s")
             time.sleep(0.5)
+        if claim is not None and claim[1]:
+            _release_stale_slots(url)
         old = os.environ.get("PREFECT_API_URL")
         os.environ["PREFECT_API_URL"] = url  # Dask worker processes inherit it
         from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -108,6 +111,50 @@ def prefect_api(log_dir: Path, home: Path | None = None, startup_timeout_s: floa
             proc.wait()
         os.close(lifeline)
         logfile.close()
+        if claim is not None:
+            claim[0].close()
+
+
+def _claim_home(home: Path):
+    """(the open lock file, whether no other server danqing started on `home` is alive).
+
+    Each such server's starter holds a shared lock on `<home>/servers.lock` while the server lives; an exclusive
+    lock is granted only when there is none, and the kernel drops a lock with the process that held it, however
+    that ends."""
+    import fcntl
+
+    home.mkdir(parents=True, exist_ok=True)
+    f = open(home / "servers.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        sole = True
+    except BlockingIOError:
+        sole = False
+    fcntl.flock(f, fcntl.LOCK_SH)
+    return f, sole
+
+
+def _release_stale_slots(url: str) -> None:
+    """Free the concurrency slots (commit lock, snapshot limit, `gpu` tag) that runs of a server no longer alive
+    still hold in its database.
+
+    A slot is a lease that its holder renews and the server expires, but Prefect keeps leases in the server's
+    memory: a run killed together with its server (kill -9, the OOM killer) leaves its slot occupied in the
+    database for good, and the re-run that should resume would wait for that slot forever. Called only when no
+    other server of this database is alive, so no live run holds a slot.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        offset, page = 0, 200
+        while limits := client.read_global_concurrency_limits(limit=page, offset=offset):
+            for held in (lim for lim in limits if lim.active_slots):
+                log.info("freeing %d slot(s) of %s held by a run that ended with its server", held.active_slots,
+                         held.name)
+                client.update_global_concurrency_limit(held.name, GlobalConcurrencyLimitUpdate(active_slots=0))
+            offset += page
 
 
 def _drain_prefect_clients(timeout_s: float = 10.0) -> None:

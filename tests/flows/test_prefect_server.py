@@ -48,8 +48,9 @@ def test_races_in_a_burst_back_off_to_the_clients_own_delay_then_reset():
     assert backoff.next(100.0) == pytest.approx(prefect_server.FIRST_RETRY_S)  # a quiet spell starts over
 
 
-def test_the_server_a_process_started_ends_when_that_process_is_killed(tmp_path):
-    """runtime.prefect_api's server outlives no SIGKILL of the process that started it (no orphan servers)."""
+def test_the_server_a_process_started_ends_when_that_process_is_killed(tmp_path, monkeypatch):
+    """runtime.prefect_api's server outlives no SIGKILL of the process that started it (no orphan servers), and
+    the commit lock that process held is free for the next server of the same database (the re-run)."""
     import os
     import subprocess
     import sys
@@ -64,10 +65,11 @@ def test_the_server_a_process_started_ends_when_that_process_is_killed(tmp_path)
     code = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from flows.runtime import prefect_api
+        from flows.runtime import commit_lock, prefect_api
         with prefect_api(Path({str(tmp_path / "logs")!r}), Path({str(tmp_path / "home")!r})) as url:
-            print(url, flush=True)
-            time.sleep(600)
+            with commit_lock({str(tmp_path / "lancedb")!r}):
+                print(url, flush=True)
+                time.sleep(600)
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=root, env={**env, "PYTHONPATH": str(root)},
@@ -91,3 +93,11 @@ def test_the_server_a_process_started_ends_when_that_process_is_killed(tmp_path)
     finally:
         if parent.poll() is None:
             parent.kill()
+    from prefect.client.orchestration import get_client
+
+    from flows.runtime import prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # another test's server: this one starts its own
+    with prefect_api(tmp_path / "logs", tmp_path / "home"), get_client(sync_client=True) as client:
+        held = {lim.name: lim.active_slots for lim in client.read_global_concurrency_limits(limit=50)}
+    assert any(name.startswith("commit-") for name in held) and not any(held.values()), held
