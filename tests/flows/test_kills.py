@@ -52,9 +52,16 @@ def _finish(warcs: list[str], out: Path) -> None:
     assert proc.wait(timeout=STATE_TIMEOUT_S) == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
 
 
-def _wait_for(proc: subprocess.Popen, out: Path, pattern: str, count: int = 1) -> None:
+def _wait_for(proc: subprocess.Popen, out: Path, pattern: str, count: int = 1, fresh: bool = False,
+              shards: int = 3) -> None:
+    """Until `count` files match `pattern` under the run directory; `fresh`: written by this run (a resumed run
+    reuses the earlier ones), or every shard's already there."""
+    since = time.time() - 1 if fresh else 0  # mtime granularity
     deadline = time.monotonic() + STATE_TIMEOUT_S
-    while len(list(out.glob(f"*/{pattern}"))) < count:
+    while True:
+        found = list(out.glob(f"*/{pattern}"))
+        if len([p for p in found if p.stat().st_mtime >= since]) >= count or (fresh and len(found) >= shards):
+            return
         assert proc.poll() is None, f"the run ended ({proc.returncode}) before {count} of {pattern}"
         assert time.monotonic() < deadline, f"no {count} of {pattern} after {STATE_TIMEOUT_S} s"
         time.sleep(0.05)
@@ -137,9 +144,11 @@ def test_runs_killed_at_seeded_moments_resume_to_the_undisturbed_output(baseline
     _assert_all_gone(family)
 
     run = _start(warcs, out)  # 2: one Dask worker SIGKILLed mid-run; then the group, during the dataset write
-    _wait_for(run, out, *MOMENTS[second])
-    workers = _dask_workers(run)
-    assert workers
+    _wait_for(run, out, *MOMENTS[second], fresh=True, shards=len(warcs))
+    deadline = time.monotonic() + STATE_TIMEOUT_S
+    while not (workers := _dask_workers(run)):  # a step the first run finished is no moment: the cluster's start
+        assert run.poll() is None and time.monotonic() < deadline, "the run has no local Dask worker processes"
+        time.sleep(0.05)
     workers[0].kill()
     _wait_for(run, out, "steps/write/*.done.json")
     _kill_group(run)
