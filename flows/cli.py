@@ -1,6 +1,7 @@
 """The `danqing` command: `run` curates WARC files or a snapshot (the sample crawl by default), `up` starts a
-local Prefect + Dask stack with the deployments, `calibrate` fits a run's unpublished thresholds to the paper's
-removal rates, `sample` writes the sample crawl (or one of its cross-batch variants)."""
+local Prefect + Dask stack with the deployments, `worker` runs a Prefect worker that stops within a bound,
+`calibrate` fits a run's unpublished thresholds to the paper's removal rates, `sample` writes the sample crawl
+(or one of its cross-batch variants)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--out", default=DEFAULT_OUT, help=f"output root; the stack's state is under <out>/.stack "
                                                        f"(default {DEFAULT_OUT})")
     up.add_argument("--gpu-slots", type=int, default=1, help="concurrent model tasks (Prefect tag 'gpu')")
+    worker = sub.add_parser("worker", help="a Prefect process worker that stops within a bound of SIGTERM",
+                            usage="danqing worker [--stop-within S] PREFECT_WORKER_START_ARGS...",
+                            description="`prefect worker start ARGS...` (e.g. --pool danqing-cpu) that stops "
+                                        "within --stop-within seconds of SIGTERM or Ctrl-C, its flow-run processes "
+                                        "included (Prefect's own worker waits for them and for its last API calls "
+                                        "without a bound).")
+    worker.add_argument("--stop-within", type=float, default=None, metavar="S",
+                        help="seconds from SIGTERM to a hard stop (default 20)")
     cal = sub.add_parser("calibrate", help="fit a run's unpublished thresholds to the paper's removal rates")
     cal.add_argument("run_dir", metavar="RUN_DIR", help="a finished run: <out>/<run-id>")
     cal.add_argument("--out", metavar="FILE", help="thresholds file to write (default RUN_DIR/thresholds.json); "
@@ -149,7 +158,15 @@ def cmd_calibrate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "worker":  # Prefect's own CLI, logging and exit status, under a stop deadline
+        from flows.lifeline import STOP_WITHIN_S, run_module
+
+        run_module("prefect", ["worker", "start", *rest], args.stop_within or STOP_WITHIN_S)
+        return 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     # Dask's per-worker INFO lines drown the progress bars; set before distributed is first imported,
     # and inherited by the worker processes. A user's own setting wins.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
@@ -173,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"danqing: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # the flow's own failure (a ContractError, a stage bug): one clear line
+        from flows.runtime import ClusterStartError
         from flows.up import StackError
         from tasks.models import ModelLoadError
 
-        if isinstance(err, (ModelLoadError, StackError)):
+        if isinstance(err, (ModelLoadError, StackError, ClusterStartError)):
             print(f"danqing: error: {err}", file=sys.stderr)
             return 2
         raise

@@ -12,10 +12,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+from flows.lifeline import popen as lifeline_popen
 from flows.settings import LocalClusterSpec, dask_address, prefect_api_url
 
 log = logging.getLogger("danqing")
 SCHEDULER_TIMEOUT_S = 10
+CLUSTER_START_ATTEMPTS = 3  # a worker process that dies while the local cluster starts fails only that attempt
+
+
+class ClusterStartError(RuntimeError):
+    """The local Dask cluster did not start in CLUSTER_START_ATTEMPTS attempts; a re-run resumes."""
 
 
 def worker_name() -> str | None:
@@ -59,12 +65,15 @@ def prefect_api(log_dir: Path, home: Path | None = None, startup_timeout_s: floa
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     log_dir.mkdir(parents=True, exist_ok=True)
+    claim = _claim_home(home) if home is not None else None
     logfile = open(log_dir / "prefect-server.log", "ab")
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": url}
     if home is not None:
         home.mkdir(parents=True, exist_ok=True)
         env["PREFECT_HOME"] = str(home)
-    proc = subprocess.Popen(
+    # Its own session, so Ctrl-C in the terminal reaches only this process, which still sends its last logs to
+    # the server before stopping it. On a lifeline: however this process ends, SIGKILL included, the server ends.
+    proc, lifeline = lifeline_popen(
         [sys.executable, "-m", "flows.prefect_server", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=logfile, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
@@ -76,6 +85,8 @@ def prefect_api(log_dir: Path, home: Path | None = None, startup_timeout_s: floa
             if time.monotonic() > deadline:
                 raise RuntimeError(f"prefect server not healthy after {startup_timeout_s:.0f} s")
             time.sleep(0.5)
+        if claim is not None and claim[1]:
+            _release_stale_slots(url)
         old = os.environ.get("PREFECT_API_URL")
         os.environ["PREFECT_API_URL"] = url  # Dask worker processes inherit it
         from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -97,7 +108,53 @@ def prefect_api(log_dir: Path, home: Path | None = None, startup_timeout_s: floa
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+        os.close(lifeline)
         logfile.close()
+        if claim is not None:
+            claim[0].close()
+
+
+def _claim_home(home: Path):
+    """(the open lock file, whether no other server danqing started on `home` is alive).
+
+    Each such server's starter holds a shared lock on `<home>/servers.lock` while the server lives; an exclusive
+    lock is granted only when there is none, and the kernel drops a lock with the process that held it, however
+    that ends."""
+    import fcntl
+
+    home.mkdir(parents=True, exist_ok=True)
+    f = open(home / "servers.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        sole = True
+    except BlockingIOError:
+        sole = False
+    fcntl.flock(f, fcntl.LOCK_SH)
+    return f, sole
+
+
+def _release_stale_slots(url: str) -> None:
+    """Free the concurrency slots (commit lock, snapshot limit, `gpu` tag) that runs of a server no longer alive
+    still hold in its database.
+
+    A slot is a lease that its holder renews and the server expires, but Prefect keeps leases in the server's
+    memory: a run killed together with its server (kill -9, the OOM killer) leaves its slot occupied in the
+    database for good, and the re-run that should resume would wait for that slot forever. Called only when no
+    other server of this database is alive, so no live run holds a slot.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        offset, page = 0, 200
+        while limits := client.read_global_concurrency_limits(limit=page, offset=offset):
+            for held in (lim for lim in limits if lim.active_slots):
+                log.info("freeing %d slot(s) of %s held by a run that ended with its server", held.active_slots,
+                         held.name)
+                client.update_global_concurrency_limit(held.name, GlobalConcurrencyLimitUpdate(active_slots=0))
+            offset += page
 
 
 def _drain_prefect_clients(timeout_s: float = 10.0) -> None:
@@ -150,7 +207,34 @@ def task_runner(address: str | None, spec: LocalClusterSpec | None = None, work_
     }
     if work_dir is not None:
         kwargs["local_directory"] = str(work_dir)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+    return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs=kwargs)
+
+
+def local_cluster(attempts: int = CLUSTER_START_ATTEMPTS, **kwargs):
+    """A distributed.LocalCluster, started again when it fails to start.
+
+    One worker process that dies while the cluster starts (killed, out of memory) fails the whole start with
+    "Nanny failed to start" and the cluster closes what it had started; a fresh attempt then has fresh
+    processes. Once running, Dask's nannies restart dead workers and the scheduler re-runs their tasks.
+    """
+    from distributed import LocalCluster
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return LocalCluster(**kwargs)
+        except (RuntimeError, OSError, TimeoutError) as err:
+            cause = _root_cause(err)
+            if attempt == attempts:
+                raise ClusterStartError(f"the local Dask cluster did not start in {attempts} attempts ({cause}); "
+                                        "re-run the same command to resume from the finished shards") from err
+            log.warning("the local Dask cluster did not start (%s); starting it again (%d of %d)", cause,
+                        attempt + 1, attempts)
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
 
 
 def ensure_gpu_limit(slots: int) -> None:

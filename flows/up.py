@@ -7,6 +7,7 @@ the same output directory or port is refused with a clear message.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -17,6 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
+from flows.lifeline import STOP_WITHIN_S
+from flows.lifeline import popen as lifeline_popen
 from flows.ops import POOLS
 from flows.runtime import free_port
 
@@ -53,6 +58,7 @@ class Stack:
         self.dask_port = dask_port or free_port()
         self.api = f"http://127.0.0.1:{port}/api"
         self.procs: list[subprocess.Popen] = []
+        self._lifelines: list[int] = []  # the write ends of the children's lifelines
         self._lock = None
         bin_dir = str(Path(sys.executable).parent)  # the deploy step and workers use this environment's python
         self.env = {
@@ -88,10 +94,13 @@ class Stack:
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         out = open(logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own process group: stopped with its children
+        # its own process group, stopped with its children; on a lifeline: it ends when this process ends, even
+        # killed (SIGKILL, the OOM killer), and stops within STOP_WITHIN_S of SIGTERM
+        proc, lifeline = lifeline_popen(args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         out.close()
         self.procs.append(proc)
+        self._lifelines.append(lifeline)
         return proc
 
     def _run(self, what: str, args: list[str], timeout_s: float = 300) -> None:
@@ -120,7 +129,11 @@ class Stack:
         for pool in POOLS:
             self._spawn(f"worker-{pool}", [py, "-m", "prefect", "worker", "start", "--pool", pool])
 
-    def stop(self, timeout_s: float = 20) -> None:
+    def stop(self, timeout_s: float = STOP_WITHIN_S + 5) -> None:
+        """SIGTERM to every child's group; each ends within STOP_WITHIN_S by its lifeline's deadline (descendants
+        in sessions of their own included, such as a Prefect worker's flow runs), and what a child that could not
+        even run its deadline leaves is killed after `timeout_s`."""
+        family = _descendants(self.procs)
         for proc in reversed(self.procs):
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -129,11 +142,25 @@ class Stack:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            _signal_group(proc, signal.SIGKILL)  # whatever of its group is left (flow-run subprocesses too)
+            _signal_group(proc, signal.SIGKILL)  # whatever of its group is left
+        for p in family + _descendants(self.procs):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        for fd in self._lifelines:
+            os.close(fd)
+        self._lifelines.clear()
         self.procs.clear()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def _descendants(procs: list[subprocess.Popen]) -> list:
+    found = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            found += psutil.Process(proc.pid).children(recursive=True)
+    return found
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -46,3 +46,58 @@ def test_races_in_a_burst_back_off_to_the_clients_own_delay_then_reset():
     assert delays[:3] == pytest.approx([0.1, 0.2, 0.4])
     assert delays == sorted(delays) and delays[-1] == MAX_RETRY_S
     assert backoff.next(100.0) == pytest.approx(prefect_server.FIRST_RETRY_S)  # a quiet spell starts over
+
+
+def test_the_server_a_process_started_ends_when_that_process_is_killed(tmp_path, monkeypatch):
+    """runtime.prefect_api's server outlives no SIGKILL of the process that started it (no orphan servers), and
+    the commit lock that process held is free for the next server of the same database (the re-run)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    import psutil
+
+    root = Path(__file__).resolve().parents[2]
+    code = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from flows.runtime import commit_lock, prefect_api
+        with prefect_api(Path({str(tmp_path / "logs")!r}), Path({str(tmp_path / "home")!r})) as url:
+            with commit_lock({str(tmp_path / "lancedb")!r}):
+                print(url, flush=True)
+                time.sleep(600)
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=root, env={**env, "PYTHONPATH": str(root)},
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        url = parent.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), f"no server: {parent.poll()}"
+        server = psutil.Process(parent.pid).children()
+        assert len(server) == 1
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 60  # the server's own SIGTERM stop, at worst its 20 s deadline, under load
+        while server[0].is_running() and server[0].status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the server outlived the process that started it"
+            time.sleep(0.5)
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            raise AssertionError("the killed process's server still answers")
+        except OSError:
+            pass
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    from prefect.client.orchestration import get_client
+
+    from flows.runtime import prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # another test's server: this one starts its own
+    with prefect_api(tmp_path / "logs", tmp_path / "home"), get_client(sync_client=True) as client:
+        held = {lim.name: lim.active_slots for lim in client.read_global_concurrency_limits(limit=50)}
+    assert any(name.startswith("commit-") for name in held) and not any(held.values()), held

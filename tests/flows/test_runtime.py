@@ -1,0 +1,61 @@
+"""The local Dask cluster: a worker process that dies while the cluster starts costs one more attempt, and a
+cluster that cannot start at all is one error that says to re-run."""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+import pytest
+
+from flows import runtime
+
+CLUSTER = {"n_workers": 1, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0",
+           "memory_limit": "2GiB"}
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs the first `limit` Dask worker processes this process spawns, each as soon as it appears (while
+    its nanny waits for it to start)."""
+
+    def __init__(self, limit: int):
+        super().__init__(daemon=True)
+        self.limit, self.killed, self.stop = limit, [], threading.Event()
+        self.before = {p.pid for p in psutil.Process().children()}
+
+    def run(self):
+        while not self.stop.is_set() and len(self.killed) < self.limit:
+            for p in psutil.Process().children():
+                try:
+                    spawned = "multiprocessing.spawn" in " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                if spawned and p.pid not in self.before and p.pid not in self.killed:
+                    p.kill()
+                    self.killed.append(p.pid)
+            self.stop.wait(0.01)
+
+
+def test_a_worker_killed_while_the_cluster_starts_costs_one_more_attempt(caplog):
+    killer = WorkerKiller(limit=1)
+    killer.start()
+    try:
+        with runtime.local_cluster(attempts=3, **CLUSTER) as cluster:
+            assert killer.killed, "no worker process was killed while the cluster started"
+            with cluster.get_client() as client:
+                assert client.submit(sum, [1, 2]).result(timeout=60) == 3
+    finally:
+        killer.stop.set()
+    assert "starting it again (2 of 3)" in caplog.text
+
+
+def test_a_cluster_that_cannot_start_is_one_error_that_says_to_re_run():
+    killer = WorkerKiller(limit=2)
+    killer.start()
+    try:
+        with pytest.raises(runtime.ClusterStartError, match="re-run the same command to resume") as err:
+            runtime.local_cluster(attempts=2, **CLUSTER)
+    finally:
+        killer.stop.set()
+    assert len(killer.killed) == 2
+    assert "\n" not in str(err.value)  # one line, whatever Dask's own message held
