@@ -227,7 +227,7 @@ def _model_keys(models: dict) -> dict:
 
 def _curate_batches(params: CurateParams, warcs: list[str], progress: bool) -> dict:
     """The run as batches, each a child flow run (committed batches are skipped), then the merged report."""
-    from prefect.runtime import flow_run
+    from prefect.runtime import deployment, flow_run
 
     log = get_run_logger()
     run_id = params.run_id or derive_run_id(warcs, params.snapshot)
@@ -254,29 +254,33 @@ def _curate_batches(params: CurateParams, warcs: list[str], progress: bool) -> d
     log.info("run %s: %d WARC file(s) in %d batch(es) of %d, %d already committed -> %s", run_id, len(warcs),
              len(plan), params.batch_size, len(done), run_dir)
     name = flow_run.name or run_name(params)
-    from prefect.runtime import deployment
-
     if deployment.id:  # under a worker pool: each batch a deployment run a worker picks up
         outcome = batches.run_deployed(plan, child, done, f"{flow_run.flow_name}/{deployment.name}", name,
                                        params.batch_parallel)
     else:
-        runner = _batch_runner()
-
-        def run_batch(b: batches.Batch) -> dict:
-            params_b = child(b)
-            _CHECKED[_inputs_key(params_b)] = list(b.warcs)
-            flow = curate_snapshot.with_options(task_runner=runner, flow_run_name=f"{name}-b{b.index}")
-            result = flow(params_b, progress=False)
-            log.info("batch %d committed: %d samples", b.index, result["report"]["samples"])
-            return result
-
-        outcome = batches.run_in_process(plan, done, run_id, params.batch_parallel, run_batch)
+        outcome = batches.run_in_process(plan, done, run_id, params.batch_parallel, _batch_flow(child, name))
     problem = batches.failures(outcome)
     if problem:
         raise RuntimeError(problem)
     report = publish_merged(run_dir, run_id, [(b.index, batches.batch_dir(run_dir, b.index)) for b in plan])
     log.info("dataset: %s/*/dataset  report: %s", run_dir / batches.BATCHES, run_dir / "report.json")
     return {"run_id": run_id, "run_dir": str(run_dir), "report": report}
+
+
+def _batch_flow(child, name: str):
+    """How this process runs one batch: a child flow run named <name>-b<k>, on the parent's Dask cluster."""
+    runner = _batch_runner()
+    log = get_run_logger()
+
+    def run_batch(b: batches.Batch) -> dict:
+        params = child(b)
+        _CHECKED[_inputs_key(params)] = list(b.warcs)  # checked by the parent: not again
+        flow = curate_snapshot.with_options(task_runner=runner, flow_run_name=f"{name}-b{b.index}")
+        result = flow(params, progress=False)
+        log.info("batch %d committed: %d samples", b.index, result["report"]["samples"])
+        return result
+
+    return run_batch
 
 
 def _batch_runner():

@@ -41,6 +41,8 @@ BUILT_RULES: dict[str, tuple[str, ...]] = {
 LEDGER = ".ledger.parquet"  # the fetch step's per-URL outcomes: status, reason, attempts, last error, transient
 IMAGES = ".images.bin"  # the fetch step's blob file: key -> JPEG bytes of the kept rows
 VECTORS = ".vectors.parquet"  # the embed step's key -> image vector file of its kept rows
+GROUPS = ".groups"  # the dedup reduce's output: a folder of one <shard>.parquet per shard
+MATCHES = ".matches"  # the crossbatch search's: likewise
 
 
 def built_rules(ctx: RunContext) -> dict[str, tuple[str, ...]]:

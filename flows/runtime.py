@@ -34,6 +34,25 @@ def worker_name() -> str | None:
         return None
 
 
+def cluster_map():
+    """map(fn, items) as Dask tasks on the cluster the calling task runs on (its thread seceded while it waits),
+    or in this process when it runs on none: how a reduce spreads its partitions."""
+    try:
+        from distributed import get_worker, worker_client
+
+        get_worker()
+    except (ImportError, ValueError):
+        from tasks.dedup import serial_map
+
+        return serial_map
+
+    def on_cluster(fn, items: list) -> list:
+        with worker_client() as client:
+            return client.gather(client.map(fn, items, pure=False))
+
+    return on_cluster
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -11,8 +11,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import models, pipeline
 from flows.engine import Computed, Marker, RunContext, resume, retry_transient, run_reduce
-from flows.pipeline import IMAGES, LEDGER, VECTORS
-from flows.runtime import worker_name
+from flows.pipeline import GROUPS, IMAGES, LEDGER, MATCHES, VECTORS
+from flows.runtime import cluster_map, worker_name
 from flows.settings import config_dict
 from schemas import contracts as C
 from tasks import align as align_stage
@@ -121,14 +121,16 @@ def _retry_failed(ctx: RunContext, marker: Marker):
 
 
 @task(name="replay-index", cache_policy=NO_CACHE)
-def replay_index(ctx: RunContext, extracts: list[Marker], warcs: list[str], run_warcs: list[str]) -> Marker:
+def replay_index(ctx: RunContext, extracts: list[Marker], warcs: list[str] | None = None,
+                 run_warcs: list[str] | None = None) -> Marker:
     """Reduce: every response record of every input WARC, by URL (first capture wins). A batch of a batched run
     replays from all the run's WARC files (`run_warcs`, in listing order), as the run unbatched would."""
-    own = {w: m for w, m in zip(warcs, extracts, strict=True)}
+    own = dict(zip(warcs or [m.shard for m in extracts], extracts, strict=True))
+    run_warcs = run_warcs or []
 
     def build(out: Path) -> dict:
         index = replay.merge_indexes([shards.read_parquet(own[w].output(".replay.parquet")) if w in own
-                                      else replay.response_index(w) for w in run_warcs or warcs])
+                                      else replay.response_index(w) for w in run_warcs or own])
         shards.write_parquet(index, out)
         return {"urls": int(len(index))}
 
@@ -196,27 +198,6 @@ def embed(ctx: RunContext, shard: str, upstream: Marker) -> Marker:
     return pipeline.shard_step(ctx, "embed", shard, inputs, compute, {**config_dict(cfg), "nsfw_labels": labels})
 
 
-GROUPS = ".groups"  # the dedup reduce's output: a folder of one <shard>.parquet per shard
-MATCHES = ".matches"  # the crossbatch search's: likewise
-
-
-def _cluster_map():
-    """map(fn, items) as Dask tasks on the cluster this task runs on (its own thread seceded while it waits), or
-    in this process when it runs on none: how a reduce spreads its partitions."""
-    try:
-        from distributed import get_worker, worker_client
-
-        get_worker()
-    except (ImportError, ValueError):
-        return dedup_stage.serial_map
-
-    def on_cluster(fn, items: list) -> list:
-        with worker_client() as client:
-            return client.gather(client.map(fn, items, pure=False))
-
-    return on_cluster
-
-
 @task(name="load-lancedb", cache_policy=NO_CACHE)
 def load_lancedb(ctx: RunContext, embeds: list[Marker]) -> Marker:
     """Reduce, one writer: every shard's vectors into the model's LanceDB table; the ANN index once it is large."""
@@ -246,7 +227,7 @@ def dedup(ctx: RunContext, embeds: list[Marker]) -> Marker:
 
     def build(out: Path) -> dict:
         files = [(m.shard, str(m.output(VECTORS))) for m in embeds]
-        result = dedup_stage.dedup_batch(files, cfg, out.with_name(f"{out.name}.work"), out, _cluster_map())
+        result = dedup_stage.dedup_batch(files, cfg, out.with_name(f"{out.name}.work"), out, cluster_map())
         stats = dedup_stage.jsonable(result)
         if stats.get("giant_groups"):
             from prefect import get_run_logger
@@ -318,7 +299,7 @@ def crossbatch_search(ctx: RunContext, aligns: list[Marker], embeds: list[Marker
                    for m in aligns]
         runs = [r["run_id"] for r in earlier]
         info = crossbatch_stage.search_batch(ctx.lancedb, loaded.extra["identity"] if table_name else None, queries,
-                                             runs, radius, cfg, out, _cluster_map())
+                                             runs, radius, cfg, out, cluster_map())
         return {"earlier_runs": runs, "threshold": radius, **info}
 
     identity = [{**config_dict(cfg), "threshold": radius}, loaded.hash, [(r["run_id"], r["seq"]) for r in earlier],
