@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.engine import reduce_marker
 from flows.settings import CurateParams, idempotency_key
 
 BATCHES = "batches"
@@ -65,20 +66,20 @@ def settings_key(params: CurateParams, models: dict) -> str:
 
 def committed(run_dir: Path) -> bool:
     """The batch finished: its commit is recorded and its report written (the report is written last)."""
-    marker = run_dir / "reduce" / "commit.done.json"
-    return marker.is_file() and (run_dir / "report.json").is_file()
+    return reduce_marker(run_dir, "commit").is_file() and (run_dir / "report.json").is_file()
 
 
-def check_reuse(run_dir: Path, key: str, index: int) -> None:
-    """A batch committed under other settings or another model is refused: its rows are in the shared LanceDB
-    table as committed, and recomputing it would mix two settings in one run."""
+def check_reuse(run_dir: Path, key: str, index: int) -> bool:
+    """Whether the batch has committed. One committed under other settings or another model is refused: its rows
+    are in the shared LanceDB table as committed, and recomputing it would mix two settings in one run."""
     recorded = run_dir / "run.json"
-    if not committed(run_dir) or not recorded.is_file():
-        return
-    old = json.loads(recorded.read_text()).get("settings_key")
+    if not committed(run_dir):
+        return False
+    old = json.loads(recorded.read_text()).get("settings_key") if recorded.is_file() else None
     if old is not None and old != key:
         raise ValueError(f"batch {index} ({run_dir}) was committed with other settings or another model; "
                          "curate into a new --out (or --run-id) rather than mixing two settings in one run")
+    return True
 
 
 class BatchOrderError(RuntimeError):

@@ -242,9 +242,7 @@ def _curate_batches(params: CurateParams, warcs: list[str], progress: bool) -> d
     models = _model_keys(with_revisions(resolve_models(params)))
     done = set()
     for b in plan:  # a batch committed with other settings fails here, before any batch runs
-        d = batches.batch_dir(run_dir, b.index)
-        batches.check_reuse(d, batches.settings_key(child(b), models), b.index)
-        if batches.committed(d):
+        if batches.check_reuse(batches.batch_dir(run_dir, b.index), batches.settings_key(child(b), models), b.index):
             done.add(b.index)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_if_changed(run_dir / "run.json", {

@@ -216,6 +216,11 @@ def _store(ctx: RunContext, step: str, stage: str, schema: type, shard: str, res
             "outputs": tuple(outputs)}
 
 
+def reduce_marker(run_dir: Path, name: str) -> Path:
+    """Where a run's reduce `name` records that it finished."""
+    return Path(run_dir) / "reduce" / f"{name}.done.json"
+
+
 def run_reduce(ctx: RunContext, name: str, suffix: str, inputs: list, build: Callable[[Path], dict]) -> Marker:
     """A resumable barrier over all shards of a step: `build(out)` writes one artifact and returns its stats."""
     out = ctx.root / "reduce" / f"{name}{suffix}"
@@ -224,7 +229,7 @@ def run_reduce(ctx: RunContext, name: str, suffix: str, inputs: list, build: Cal
         extra = build(out)
         return {"reduce": name, "outputs": (ctx.rel(out),) if out.exists() else (), "extra": extra}
 
-    return resume(ctx, ctx.root / "reduce" / f"{name}.done.json", {"reduce": name, "inputs": inputs}, produce)
+    return resume(ctx, reduce_marker(ctx.root, name), {"reduce": name, "inputs": inputs}, produce)
 
 
 def retry_transient(task, task_run, state) -> bool:

@@ -258,13 +258,8 @@ def prepare_report(ctx, results: dict[str, list], reduces: dict) -> Callable[[],
     """
     report = build_report(ctx, results, reduces, built_rules(ctx))
     root = Path(ctx.run_dir)
-    staged: list[tuple[Path, Path]] = []
-
-    def stage(name: str, writer) -> None:
-        tmp = root / f".{name}.tmp-staged"
-        writer(tmp)
-        staged.append((tmp, root / name))
-
+    staged = _Staged(root)
+    stage = staged.add
     md = render_markdown(report)
     stage("report.json", lambda p: p.write_text(json.dumps(report, indent=1, ensure_ascii=False)))
     stage("report.md", lambda p: p.write_text(md))
@@ -280,12 +275,28 @@ def prepare_report(ctx, results: dict[str, list], reduces: dict) -> Callable[[],
     stage("report.clusters.png", lambda p: plot_cluster_sizes(dedup.get("cluster_sizes") or [], p))
 
     def commit() -> dict:
-        for tmp, final in staged:
-            os.replace(tmp, final)
+        staged.put()
         _artifacts(report, md, root)
         return report
 
     return commit
+
+
+class _Staged:
+    """Report files rendered to temporary names in `root`, put in place together, in the order they were added."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.files: list[tuple[Path, Path]] = []
+
+    def add(self, name: str, writer: Callable[[Path], object]) -> None:
+        tmp = self.root / f".{name}.tmp-staged"
+        writer(tmp)
+        self.files.append((tmp, self.root / name))
+
+    def put(self) -> None:
+        for tmp, final in self.files:
+            os.replace(tmp, final)
 
 
 def _sum_hists(hists: list[list[int]]) -> list[int]:
@@ -377,16 +388,12 @@ def publish_merged(run_dir: Path, run_id: str, batch_dirs: list[tuple[int, Path]
     parts = [(k, str(d.relative_to(run_dir)), json.loads((d / "report.json").read_text())) for k, d in batch_dirs]
     report = merge_reports(run_id, parts)
     md = render_markdown(report, plots=("funnel", "groups")) + render_batches(report)
-    staged = []
-    for name, writer in (("report.funnel.png", lambda p: plot_funnel(report, p)),
-                         ("report.groups.png", lambda p: plot_group_sizes(by_stage(report, "image")["dedup"]
-                                                                          ["group_size_hist"], p)),
-                         ("report.md", lambda p: p.write_text(md)),
-                         ("report.json", lambda p: p.write_text(json.dumps(report, indent=1, ensure_ascii=False)))):
-        tmp = run_dir / f".{name}.tmp-staged"
-        writer(tmp)
-        staged.append((tmp, run_dir / name))
-    for tmp, final in staged:  # report.json last: it says the run is complete
-        os.replace(tmp, final)
+    staged = _Staged(run_dir)
+    staged.add("report.funnel.png", lambda p: plot_funnel(report, p))
+    hist = by_stage(report, "image")["dedup"]["group_size_hist"]
+    staged.add("report.groups.png", lambda p: plot_group_sizes(hist, p))
+    staged.add("report.md", lambda p: p.write_text(md))
+    staged.add("report.json", lambda p: p.write_text(json.dumps(report, indent=1, ensure_ascii=False)))
+    staged.put()  # report.json last: it says the run is complete
     _artifacts(report, md, run_dir)
     return report

@@ -130,7 +130,7 @@ def replay_index(ctx: RunContext, extracts: list[Marker], warcs: list[str] | Non
 
     def build(out: Path) -> dict:
         index = replay.merge_indexes([shards.read_parquet(own[w].output(".replay.parquet")) if w in own
-                                      else replay.response_index(w) for w in run_warcs or own])
+                                      else extract_stage.response_index(w) for w in run_warcs or own])
         shards.write_parquet(index, out)
         return {"urls": int(len(index))}
 

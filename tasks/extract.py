@@ -518,6 +518,20 @@ def _frame(rows: list[tuple], stats: dict) -> pd.DataFrame:
 _REPLAY_COLUMNS = {"url": "str", "warc_file": "str", "offset": "int64", "status": "Int64"}
 
 
+def response_index(path: str, backend: str = "auto") -> pd.DataFrame:
+    """Every response record of one WARC file by URL, as `extract_warc(replay=True)` lists them, without reading
+    a page: for a batch whose replayed images may lie in the run's other batches' WARC files. A file damaged
+    part-way gives what precedes the damage (the batch that extracts that file counts it in read_errors)."""
+    rows = []
+    try:
+        for rec in iter_records(path, backend):
+            if rec.type == "response":
+                rows.append((rec.uri, path, rec.offset, rec.status))
+    except OSError:
+        pass
+    return _replay_frame(rows)
+
+
 def _replay_frame(replay: list[tuple]) -> pd.DataFrame:
     rep = _typed(replay, _REPLAY_COLUMNS)
     return rep.dropna(subset=["url"]) if rep["url"].hasnans else rep

@@ -18,7 +18,7 @@ from tasks.io.polite import (
     opted_out,
     robots_url,
 )
-from tasks.io.warc import iter_records, read_record_at
+from tasks.io.warc import read_record_at
 
 
 @dataclass(frozen=True)
@@ -102,18 +102,3 @@ def merge_indexes(frames: list[pd.DataFrame]) -> pd.DataFrame:
         columns=["url", "warc_file", "offset", "status"])
     return index.drop_duplicates("url", keep="first")
 
-
-def response_index(path: str, backend: str = "auto") -> pd.DataFrame:
-    """Every response record of one WARC file by URL, as the extract step lists them: for a batch whose replayed
-    images may lie in the run's other batches' WARC files. A file damaged part-way gives what precedes the damage
-    (the batch that extracts that file counts the damage in its read_errors)."""
-    rows = []
-    try:
-        for rec in iter_records(path, backend):
-            if rec.type == "response":
-                rows.append((rec.uri, path, rec.offset, rec.status))
-    except OSError:
-        pass
-    frame = pd.DataFrame(rows, columns=["url", "warc_file", "offset", "status"])
-    return frame.dropna(subset=["url"]).astype({"url": "str", "warc_file": "str", "offset": "int64",
-                                                 "status": "Int64"})
