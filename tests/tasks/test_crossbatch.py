@@ -65,14 +65,19 @@ def test_ann_recall_counts_the_exact_matches_within_the_radius_that_the_ann_sear
     assert ann_recall(sample[:1], nothing_close, ann, 0.1)["pair_recall"] is None
 
 
+def _run_1_committed(tmp_path, seed: int):
+    """400 rows of run-1 in LanceDB, its even rows committed (the odd ones it dropped): the uri and the vectors."""
+    uri = str(tmp_path / "lancedb")
+    committed = vectors_frame([f"c{i}" for i in range(400)], seed=seed, dim=8)
+    name = upsert_embeddings(uri, PH, "run-1", "S", committed)
+    commit_run(uri, name, "run-1", "S", (f"c{i}" for i in range(0, 400, 2)))
+    return uri, np.stack(committed["vector"].to_list())
+
+
 @pytest.mark.parametrize("indexed", [False, True])
 def test_search_finds_committed_rows_within_the_radius_only(tmp_path, indexed):
     rng = np.random.default_rng(3)
-    uri = str(tmp_path / "lancedb")
-    committed = vectors_frame([f"c{i}" for i in range(400)], seed=5, dim=8)
-    name = upsert_embeddings(uri, PH, "run-1", "S", committed)
-    commit_run(uri, name, "run-1", "S", [f"c{i}" for i in range(0, 400, 2)])  # odd rows: dropped by run-1
-    vecs = np.stack(committed["vector"].to_list())
+    uri, vecs = _run_1_committed(tmp_path, seed=5)
     queries = np.stack([at_distance(vecs[0], 0.05, rng), at_distance(vecs[2], 0.15, rng),
                         at_distance(vecs[1], 0.01, rng), at_distance(vecs[4], 0.0, rng)])
     config = CrossbatchConfig(index_min_rows=256 if indexed else 10**9, nprobes=16, refine_factor=20, recall_sample=4)
@@ -111,11 +116,7 @@ def _batch(folder, queries: np.ndarray, sizes: list[int]) -> list[Query]:
 @pytest.mark.parametrize("indexed", [False, True])
 def test_a_batch_searched_in_several_tasks_finds_what_one_search_finds(tmp_path, indexed):
     rng = np.random.default_rng(4)
-    uri = str(tmp_path / "lancedb")
-    committed = vectors_frame([f"c{i}" for i in range(400)], seed=6, dim=8)
-    name = upsert_embeddings(uri, PH, "run-1", "S", committed)
-    commit_run(uri, name, "run-1", "S", (f"c{i}" for i in range(0, 400, 2)))
-    vecs = np.stack(committed["vector"].to_list())
+    uri, vecs = _run_1_committed(tmp_path, seed=6)
     queries = np.stack([at_distance(vecs[rng.integers(400)], d, rng) for d in rng.uniform(0, 0.2, 60)])
     config = CrossbatchConfig(index_min_rows=256 if indexed else 10**9, nprobes=16, refine_factor=20,
                               recall_sample=30, chunk_rows=15)
