@@ -34,7 +34,7 @@ class DedupConfig:
     giant_group: int = 1000  # groups at least this large are reported as giant (a warning)
     # dedup_batch, the partitioned form over a batch's shard files (each bound holds whatever the batch's size):
     partition_mb: int = 256  # vectors one search task holds; a batch above it is split into coarse cells
-    spill: int = 4  # cells each row goes to, nearest first; a pair is linked where both rows share a cell
+    spill: int = 4  # cells each row goes to, nearest first; a pair is linked where one row's own cell holds both
     #   (planted-pair share sharing one: 0.98 at 128 cells on bench/dedup.py's cone, 0.84 with 2)
     chunk_rows: int = 100_000  # rows (whole shards) one read, assign or write task holds
 
@@ -115,9 +115,23 @@ def _concat(parts: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # ---- search --------------------------------------------------------------------------------------------------------
 
 
-def _exact_links(vectors: np.ndarray, config: DedupConfig) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Every pair i < j, block against block over the upper triangle."""
+def _exact_links(
+    vectors: np.ndarray, config: DedupConfig, queries: np.ndarray | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every pair i < j, block against block over the upper triangle; with `queries` (a row mask), only the
+    pairs with at least one query row: the query rows against every row."""
     n, b = len(vectors), config.block_rows
+    if queries is not None:
+        q_rows = np.flatnonzero(queries)
+        for qs in _chunks(len(q_rows), b):
+            qr = q_rows[qs]
+            xq = _rows(vectors, qr)
+            for bs in _chunks(n, b):
+                r, c, d = _linked(xq @ _rows(vectors, bs).T, config.threshold)
+                i, j = qr[r], c + bs.start
+                once = (i != j) & (~queries[j] | (i < j))  # two query rows: from the smaller one's side
+                yield np.minimum(i, j)[once], np.maximum(i, j)[once], d[once]
+        return
     for qs in _chunks(n, b):
         xq = _rows(vectors, qs)
         for bs in _chunks(n, b):
@@ -228,12 +242,21 @@ def _partitions(n: int, config: DedupConfig) -> int:
     return max(1, min(n, config.partitions or round(3 * math.sqrt(n))))
 
 
-def _ivf_index(vectors: np.ndarray, config: DedupConfig) -> np.ndarray:
-    """Per row, the `nprobes` lists it searches, nearest first: column 0 is the list it belongs to."""
+def _ivf_index(vectors: np.ndarray, config: DedupConfig, queries: np.ndarray | None = None) -> np.ndarray:
+    """Per row, the `nprobes` lists it searches, nearest first: column 0 is the list it belongs to. With `queries`
+    (a row mask), only the query rows search: the others get their own list alone (the rest of the row is -1)."""
     lists = _partitions(len(vectors), config)
     sample = config.train_rows or 50 * lists
     centroids, centre = _train(vectors, lists, config.train_iters, config.seed, sample, config.block_rows, centred=True)
-    return _nearest(vectors, centroids, min(config.nprobes, len(centroids)), config.block_rows, centre)[0]
+    k = min(config.nprobes, len(centroids))
+    if queries is None:
+        return _nearest(vectors, centroids, k, config.block_rows, centre)[0]
+    probes = np.full((len(vectors), k), -1, np.int32)
+    q = np.flatnonzero(queries)
+    rest = np.flatnonzero(~queries)
+    probes[q] = _nearest(vectors[q], centroids, k, config.block_rows, centre)[0]
+    probes[rest, :1] = _nearest(vectors[rest], centroids, 1, config.block_rows, centre)[0]
+    return probes
 
 
 def _buckets(labels: np.ndarray, lists: int, block_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
@@ -271,7 +294,10 @@ def _ivf_links(
     own = probes[:, 0]
     lists = int(probes.max()) + 1
     members, m_bounds = _buckets(probes[:, :1], lists)
-    probers, p_bounds = _buckets(probes, lists)
+    queries = probes[:, -1] >= 0  # rows that search (all, unless _ivf_index was given a query mask)
+    q_rows = np.flatnonzero(queries)
+    probers, p_bounds = _buckets(probes[q_rows], lists)
+    probers = q_rows[probers]
     b = config.block_rows
     for a in range(lists):
         mem = members[m_bounds[a] : m_bounds[a + 1]]
@@ -286,18 +312,20 @@ def _ivf_links(
                     continue
                 q, j = qrows[r], mrows[c]
                 other = own[q]
-                both = (other == a) | (probes[j] == other[:, None]).any(axis=1)
+                both = queries[j] & ((other == a) | (probes[j] == other[:, None]).any(axis=1))  # j finds it too
                 keep = (q != j) & (~both | (q < j))
                 q, j, d = q[keep], j[keep], d[keep]
                 yield np.minimum(q, j).astype(np.int64), np.maximum(q, j).astype(np.int64), d
 
 
-def _links(vectors: np.ndarray, config: DedupConfig) -> tuple[Iterator, str, int, int]:
-    """The pair stream for these vectors, the method, the lists and the lists probed."""
+def _links(vectors: np.ndarray, config: DedupConfig, queries: np.ndarray | None = None
+           ) -> tuple[Iterator, str, int, int]:
+    """The pair stream for these vectors, the method, the lists and the lists probed. With `queries` (a row
+    mask), only the pairs that hold a query row."""
     n = len(vectors)
     if n <= config.exact_max_rows or n < 2:
-        return _exact_links(vectors, config), "exact", 0, 0
-    probes = _ivf_index(vectors, config)
+        return _exact_links(vectors, config, queries), "exact", 0, 0
+    probes = _ivf_index(vectors, config, queries)
     return _ivf_links(vectors, probes, config), "ivf", _partitions(n, config), probes.shape[1]
 
 
@@ -706,7 +734,8 @@ def _assign_chunk(chunk: Chunk, index: _Index, work) -> dict:
 
 def _search_cell(cell: int, index: _Index, config: DedupConfig, work) -> dict:
     """The links inside one cell: copies across chunks, then the matrix-product search over distinct vectors.
-    A row sits in every one of its cells, so each pair is kept only in the first cell its two rows share."""
+    Only the rows the cell owns (their nearest cell) search, against every row in it, so each row is searched
+    once however far it spills; a pair found in two cells is kept in the first."""
     files = sorted((work / "cells" / f"{cell:05d}").glob("*.npz"))
     rows, cells, v = _load(files, "rows", "cells", "vectors")
     if not len(rows):
@@ -718,13 +747,17 @@ def _search_cell(cell: int, index: _Index, config: DedupConfig, work) -> dict:
     ci, cj = [rows[rep[copy]]], [rows[copy]]
     keep = np.flatnonzero(own)
     rows, cells, v = rows[keep], cells[keep], v[keep]
-    stream, method, _, _ = _links(v, config)
+    split = index.cells > 1
+    stream, method, _, _ = _links(v, config, cells[:, 0] == cell if split else None)  # the rows it owns search
     pairs, dist = 0, [np.zeros(len(copy), np.float32)]
+    none = np.iinfo(np.int32).max
     for i, j, d in stream:
-        if index.cells > 1 and i.size:
-            shared = (cells[i][:, :, None] == cells[j][:, None, :]).any(axis=2)
-            first = np.where(shared, cells[i], np.iinfo(np.int32).max).min(axis=1)
-            i, j, d = i[first == cell], j[first == cell], d[first == cell]
+        if split and i.size:  # a pair is searched in the own cell of either row that the other spilled into
+            oi, oj = cells[i, 0], cells[j, 0]
+            at_i = np.where((cells[j] == oi[:, None]).any(axis=1), oi, none)
+            at_j = np.where((cells[i] == oj[:, None]).any(axis=1), oj, none)
+            first = np.minimum(at_i, at_j) == cell  # kept in the first of them
+            i, j, d = i[first], j[first], d[first]
         if i.size:
             ci.append(np.minimum(rows[i], rows[j]))
             cj.append(np.maximum(rows[i], rows[j]))
