@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_models builds the random-weight checkpoints for tests and here
-from bench.common import best_of, report  # noqa: E402 - after the checkout is on sys.path
+from bench.common import best_of, built_once, report  # noqa: E402 - after the checkout is on sys.path
 from bench.embed import photos  # noqa: E402
 
 CHECKPOINT_VERSION = 1  # bump when the built checkpoint changes: a cached one is rebuilt
@@ -48,16 +46,7 @@ def checkpoint(work: Path) -> Path:
     """The tiny random-weight LLaVA, built once under ``work``."""
     from tiny_models import build_tiny_llava
 
-    root = work / f"llava-tiny-v{CHECKPOINT_VERSION}"
-    if not root.is_dir():
-        work.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(dir=work))
-        try:
-            build_tiny_llava(scratch / "model")
-            os.replace(scratch / "model", root)  # complete or absent: an interrupted build is not reused
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return root
+    return built_once(work / f"llava-tiny-v{CHECKPOINT_VERSION}", build_tiny_llava)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -11,6 +11,7 @@ from flows.engine import Marker, RunContext, resume
 from flows.report import RECAPTION_OFF
 from flows.runtime import worker_name
 from flows.settings import build_config
+from schemas import contracts as C
 from tasks import recaption as recaption_stage
 from tasks.io import shards
 
@@ -44,6 +45,7 @@ def recaption(ctx: RunContext, shard: str, written: Marker) -> Marker:
             frame, stats = recaption_stage.recaption_rows(
                 keys, images.__getitem__, generate, cfg,
                 on_oom=lambda: free_device_memory(captioner.device))
+        frame, _ = C.validate(C.RecaptionSchema, frame, "recaption", 0.0)  # any bad row raises: nothing is dropped
         shards.write_parquet(frame, out)
         return {"step": "recaption", "shard": shard, "samples": len(frame), "outputs": (ctx.rel(out),),
                 "extra": {**stats, "worker": worker_name()}}

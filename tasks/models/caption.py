@@ -6,15 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tasks.models.classify import _cached
 from tasks.models.embedding import to_rgb
-from tasks.models.load import _LOCK, default_device, location, model_dtype, revision, to_device
+from tasks.models.load import location, model_dtype, revision, to_device
 from tasks.models.resolve import ModelLoadError, ResolvedModel
 
 if TYPE_CHECKING:
     from PIL import Image
-
-_CAPTIONERS: dict[tuple[str, str], Captioner] = {}
-
 
 def check_captioner(resolved: ResolvedModel) -> None:
     """Before any work, from the config alone: a model transformers loads as image-text-to-text (LLaVA,
@@ -75,12 +73,7 @@ class Captioner:
 def load_captioner(resolved: ResolvedModel, device: str | None = None) -> Captioner:
     """The captioner for ``resolved``, loaded once per process per ``(name, device)``: fp32 on CPU, half precision
     on CUDA (bf16 where supported), the PIL image processor (no torchvision), prompts padded on the left."""
-    device = device or default_device()
-    key = (resolved.name, device)
-    with _LOCK:
-        if key not in _CAPTIONERS:
-            _CAPTIONERS[key] = _load(resolved, device)
-        return _CAPTIONERS[key]
+    return _cached("recaption", resolved, device, _load)
 
 
 def _load(resolved: ResolvedModel, device: str) -> Captioner:

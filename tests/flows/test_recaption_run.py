@@ -93,3 +93,78 @@ def test_off_by_default_the_report_says_so(tmp_path):
     ctx = RunContext(run_dir=str(tmp_path), run_id="r", lancedb="")
     assert recaption_flow.summary(ctx, []) == RECAPTION_OFF == {"ran": False, "model": None, "revision": None,
                                                                 "rows": 0, "errors": 0}
+
+
+def test_recaption_settings_leave_the_batch_key_alone_and_say_when_a_batch_needs_it(tmp_path):
+    from flows import batches
+    from flows.settings import CurateParams
+
+    plain = CurateParams(warcs=["a.warc.gz"], models={"embed": "placeholder"})
+    asked = plain.model_copy(update={"models": {"embed": "placeholder", "recaption": "/m"},
+                                     "config": {"recaption": {"max_new_tokens": 9}}})
+    models = {"embed": ["placeholder", True, "placeholder", None]}
+    assert batches.settings_key(plain, models) == batches.settings_key(asked, {**models, "recaption": ["/m"]})
+    assert batches.settings_key(plain, models) != batches.settings_key(
+        plain.model_copy(update={"config": {"image": {"min_side": 300}}}), models)
+    want = {"model": "/m", "revision": "sha256:1", "prompt": "p", "max_new_tokens": 9}
+    (tmp_path / "report.json").write_text(json.dumps({"recaption": {"ran": True, **want, "rows": 3}}))
+    assert batches.recaption_current(tmp_path, want) and batches.recaption_current(tmp_path, None)
+    assert not batches.recaption_current(tmp_path, {**want, "max_new_tokens": 10})
+    (tmp_path / "report.json").write_text(json.dumps({"recaption": {"ran": False, "model": None}}))
+    assert not batches.recaption_current(tmp_path, want)
+
+
+def test_the_next_batch_commits_while_one_recaptions_and_a_late_failure_blocks_nothing():
+    import threading
+
+    from flows import batches
+
+    plan = batches.plan(["a", "b"], 1)
+    second_committed = threading.Event()
+    order = []
+
+    def run_batch(b):
+        rid = batches.batch_run_id("r", b.index)
+        batches.wait_turn(rid)
+        order.append(f"commit {b.index}")
+        batches.has_committed(rid)  # what _curate says after its commit, before recaptioning
+        if b.index == 0:
+            assert second_committed.wait(30), "batch 1 waited for batch 0's recaption"
+            raise RuntimeError("recaption failed after the commit")
+        second_committed.set()
+        return {}
+
+    outcome = batches.run_in_process(plan, set(), "r", 2, run_batch)
+    assert order == ["commit 0", "commit 1"] and outcome[1] == {} and isinstance(outcome[0], RuntimeError)
+
+
+def test_a_batched_report_merges_the_batches_recaption():
+    from flows.report import RECAPTION_OFF, merge_recaptions
+
+    one = {"ran": True, "model": "/m", "revision": "r", "rows": 4, "errors": 1, "error_kinds": {"empty": 1},
+           "shards": 2, "oom_retries": 0, "prompt": "p", "max_new_tokens": 8}
+    two = {**one, "rows": 6, "errors": 2, "error_kinds": {"empty": 1, "decode_error": 1}, "shards": 1}
+    merged = merge_recaptions([one, two])
+    assert (merged["rows"], merged["errors"], merged["shards"], merged["model"]) == (10, 3, 3, "/m")
+    assert merged["error_kinds"] == {"empty": 2, "decode_error": 1} and merged["batches_recaptioned"] == 2
+    assert merge_recaptions([dict(RECAPTION_OFF)] * 2) == RECAPTION_OFF
+
+
+def test_recaption_flags_need_a_model_and_fail_before_any_work(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["run", "--out", str(tmp_path / "out"), "--recaption-max-new-tokens", "8"]) == 2
+    assert "need --recaption-model" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_recaption_model_that_cannot_caption_fails_before_any_work(tmp_path):
+    from tiny_models import build_tiny_image_classifier
+
+    from flows.curate import resolve_models
+    from flows.settings import CurateParams
+    from tasks.models import ModelLoadError
+
+    vit = build_tiny_image_classifier(tmp_path / "vit")
+    with pytest.raises(ModelLoadError, match="not an image-text-to-text model"):
+        resolve_models(CurateParams(models={"recaption": str(vit), "embed": "placeholder"}))
+    assert "recaption" not in resolve_models(CurateParams(models={"embed": "placeholder"}))  # off by default
