@@ -22,5 +22,5 @@ def test_main_prints_every_figure_and_the_json_line_last(tmp_path, capsys):
     for key in ("ours_s", "generate_s", "images_per_s", "generate_images_per_s", "recaption_ratio_vs_generate"):
         assert figures[key] > 0, key
     assert (figures["images"], figures["batch"], figures["device"]) == (4, 3, "cpu")
-    assert figures["same_captions"] is True and "placeholder" in figures["model"]
+    assert figures["differing_captions"] == 0 and "placeholder" in figures["model"]  # 4 RGB photos: like for like
     assert (tmp_path / f"llava-tiny-v{bench.CHECKPOINT_VERSION}").is_dir()  # built once, then reused

@@ -63,11 +63,12 @@ class Captioner:
                                 return_tensors="pt", padding=True)
         inputs = {k: to_device(v, self.device, self.dtype) for k, v in inputs.items() if torch.is_tensor(v)}
         tokenizer = self.processor.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        new = out[:, inputs["input_ids"].shape[1]:]  # decoder-only: the prompt comes back first
-        return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        if not getattr(self.model.config, "is_encoder_decoder", False):
+            out = out[:, inputs["input_ids"].shape[1]:]  # a decoder-only model gives the prompt back first
+        return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def load_captioner(resolved: ResolvedModel, device: str | None = None) -> Captioner:
