@@ -140,3 +140,12 @@ def test_a_model_that_is_not_image_text_to_text_is_refused_before_any_work(tmp_p
         check_captioner(resolve_model("recaption", "placeholder"))
     with pytest.raises(ModelLoadError, match="no such local directory"):
         resolve_model("recaption", "./no/such/vlm")
+
+
+def test_a_processor_without_a_chat_template_gets_its_image_token_before_the_prompt():
+    from types import SimpleNamespace
+
+    from tasks.models import Captioner
+
+    paligemma_like = Captioner(None, SimpleNamespace(chat_template=None, image_token="<image>"), "cpu", None, {})
+    assert paligemma_like.prompt_text("描述") == "<image>描述"
