@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 
 def best_of(runs: dict, repeat: int) -> tuple[dict[str, float], dict]:
@@ -24,3 +29,17 @@ def report(figures: dict, width: int = 26) -> dict:
         print(f"{key:>{width}}: {value}")
     print(json.dumps(figures))
     return figures
+
+
+def built_once(root: Path, build: Callable[[Path], object]) -> Path:
+    """`root`, made by `build(directory)` the first time: in a scratch folder renamed into place, so a checkpoint
+    is complete or absent and an interrupted build is never reused."""
+    if not root.is_dir():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=root.parent))
+        try:
+            build(scratch / "model")
+            os.replace(scratch / "model", root)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return root

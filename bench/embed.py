@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -42,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_models builds the random-weight checkpoints for tests and here
-from bench.common import best_of, report  # noqa: E402 - after the checkout is on sys.path
+from bench.common import best_of, built_once, report  # noqa: E402 - after the checkout is on sys.path
 from bench.refine import load_captions  # noqa: E402
 
 FIXTURE_IMAGES = ROOT.parent / "shared/fixtures/images"
@@ -61,19 +59,13 @@ def checkpoint(work: Path, size: str) -> Path:
     """The random-weight checkpoint of ``size`` ("base" or "tiny"), built once under ``work``."""
     from tiny_models import build_siglip2_base_fixres, build_tiny_siglip2
 
-    root = work / f"siglip2-{size}-fixres-v{CHECKPOINT_VERSION}"
-    if not root.is_dir():
-        work.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(dir=work))
-        try:
-            if size == "base":
-                build_siglip2_base_fixres(scratch / "model")
-            else:
-                build_tiny_siglip2(scratch / "model", fixres=True)
-            os.replace(scratch / "model", root)  # complete or absent: an interrupted build is not reused
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return root
+    def build(directory: Path) -> None:
+        if size == "base":
+            build_siglip2_base_fixres(directory)
+        else:
+            build_tiny_siglip2(directory, fixres=True)
+
+    return built_once(work / f"siglip2-{size}-fixres-v{CHECKPOINT_VERSION}", build)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -60,8 +60,22 @@ def child_params(params: CurateParams, batch: Batch, run_id: str, lancedb: str, 
 
 
 def settings_key(params: CurateParams, models: dict) -> str:
-    """What a batch's output depends on, as one key: a committed batch is reused only under the same key."""
-    return idempotency_key(params) + ":" + json.dumps(models, sort_keys=True, default=str)
+    """What a batch's committed rows depend on, as one key: a committed batch is reused only under the same key.
+    The recaption step (after the commit) is left out: it changes no committed row, and `recaption_current` says
+    whether a committed batch still needs it."""
+    params = params.model_copy(update={"models": {r: m for r, m in params.models.items() if r != "recaption"},
+                                       "config": {s: v for s, v in params.config.items() if s != "recaption"}})
+    kept = {r: m for r, m in models.items() if r != "recaption"}
+    return idempotency_key(params) + ":" + json.dumps(kept, sort_keys=True, default=str)
+
+
+def recaption_current(run_dir: Path, wanted: dict | None) -> bool:
+    """Whether a committed batch's report shows the recaption the run asks for (`wanted`: model, revision,
+    prompt and max_new_tokens; None when off); a batch without it runs again, reusing every finished step."""
+    if wanted is None:
+        return True
+    done = json.loads((Path(run_dir) / "report.json").read_text()).get("recaption") or {}
+    return bool(done.get("ran")) and all(done.get(k) == v for k, v in wanted.items())
 
 
 def committed(run_dir: Path) -> bool:
@@ -94,7 +108,7 @@ class _Order:
         self.failed: set[int] = set()
 
     def finish(self, k: int, ok: bool) -> None:
-        if not ok:
+        if not ok and not self.done[k].is_set():  # a batch that failed after its commit (recaptioning) committed
             self.failed.add(k)
         self.done[k].set()
 
@@ -107,8 +121,17 @@ class _Order:
                                   "re-run the same command to resume both")
 
 
-# Batch run id -> the wait for its turn to commit, for the batches a parent runs in this process.
+# Batch run id -> the wait for its turn to commit, and the call saying it has committed, for the batches a parent
+# runs in this process.
 _TURNS: dict[str, Callable[[], None]] = {}
+_COMMITTED: dict[str, Callable[[], None]] = {}
+
+
+def has_committed(run_id: str) -> None:
+    """Called by a batch once its commit is done: the next batch may commit while this one recaptions."""
+    done = _COMMITTED.get(run_id)
+    if done is not None:
+        done()
 
 
 def wait_turn(run_id: str) -> None:
@@ -130,6 +153,7 @@ def run_in_process(plan: list[Batch], done: set[int], run_id: str, parallel: int
 
     def one(batch: Batch):
         _TURNS[batch_run_id(run_id, batch.index)] = lambda: order.wait_turn(batch.index)
+        _COMMITTED[batch_run_id(run_id, batch.index)] = lambda: order.finish(batch.index, True)
         try:
             outcome[batch.index] = run_batch(batch)
             order.finish(batch.index, True)
@@ -138,6 +162,7 @@ def run_in_process(plan: list[Batch], done: set[int], run_id: str, parallel: int
             order.finish(batch.index, False)
         finally:
             _TURNS.pop(batch_run_id(run_id, batch.index), None)
+            _COMMITTED.pop(batch_run_id(run_id, batch.index), None)
 
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="batch") as pool:
         # each thread runs its flow in a copy of this context: the batches are child runs of this flow run

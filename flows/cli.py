@@ -14,7 +14,7 @@ from pathlib import Path
 from flows.settings import DEFAULT_OUT, CurateParams, LocalClusterSpec, load_thresholds
 
 log = logging.getLogger("danqing")
-ROLES = ("embed", "align", "tokenizer", "nsfw_image", "nsfw_text")
+ROLES = ("embed", "align", "tokenizer", "nsfw_image", "nsfw_text", "recaption")
 
 
 def _positive(text: str) -> int:
@@ -66,9 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, help="local cluster worker processes")
     run.add_argument("--threads", type=int, default=1, help="threads per local worker")
     run.add_argument("--lancedb", help="LanceDB URI (default <out>/lancedb)")
-    for role in ROLES:
+    for role in ROLES[:-1]:
         run.add_argument(f"--{role.replace('_', '-')}-model", metavar="ID_OR_DIR",
                          help=f"model for the {role} role: Hugging Face id, local directory, or 'placeholder'")
+    run.add_argument("--recaption-model", metavar="ID_OR_DIR",
+                     help="turn on the recaption step (off by default: the costliest one): an image-text-to-text "
+                          "model (Hugging Face id or local directory) captions every committed row, after the commit")
+    run.add_argument("--recaption-prompt", metavar="TEXT",
+                     help="with --recaption-model: the instruction given with each image (default: Chinese, one "
+                          "short factual sentence)")
+    run.add_argument("--recaption-max-new-tokens", type=_positive, metavar="N",
+                     help="with --recaption-model: tokens generated per caption at most (default 64)")
+    run.add_argument("--recaption-batch", type=_positive, metavar="N",
+                     help="with --recaption-model: images per generate() call (default 16; halved on out-of-memory)")
     run.add_argument("--thresholds", metavar="FILE", help="JSON/YAML: section -> setting -> value")
     run.add_argument("--gpu-slots", type=int, default=1, help="concurrent model tasks (Prefect tag 'gpu')")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -109,6 +119,12 @@ def cmd_run(args) -> int:
     warcs = args.warc
     fetcher = args.fetcher
     config = load_thresholds(args.thresholds) if args.thresholds else {}  # a bad file fails before any work
+    recaption = {k: v for k, v in (("prompt", args.recaption_prompt), ("max_new_tokens", args.recaption_max_new_tokens),
+                                   ("batch_size", args.recaption_batch)) if v is not None}
+    if recaption:  # the flags win over the thresholds file's recaption section
+        if not args.recaption_model:
+            raise ValueError("--recaption-prompt/--recaption-max-new-tokens/--recaption-batch need --recaption-model")
+        config = {**config, "recaption": {**config.get("recaption", {}), **recaption}}
     if args.sample_variant is not None and (warcs or args.snapshot):
         raise ValueError("--sample-variant names the input itself: leave out --warc and --snapshot")
     if not warcs and not args.snapshot:

@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows import batches, steps
+from flows import batches, recaption, steps
 from flows.engine import RunContext, clean_temp, model_ref, shard_ids
 from flows.report import prepare_report, publish_merged
 from flows.runtime import commit_lock, ensure_gpu_limit, task_runner, wait_for_runs
@@ -76,7 +76,9 @@ def check_inputs(params: CurateParams) -> list[str]:
     refine = build_config("refine", params.config.get("refine"))
     Lexicon.load(refine.keyword_lists + refine.extra_keyword_lists)
     load_stop_words(refine.stop_word_lists + refine.extra_stop_word_lists)
-    unknown = sorted(set(params.models) - {"embed", "align", "tokenizer", "nsfw_image", "nsfw_text"})
+    from tasks.models.resolve import ROLES
+
+    unknown = sorted(set(params.models) - set(ROLES))
     if unknown:
         raise ValueError(f"unknown model role(s) {unknown}")
     warcs = resolve_warcs(params)
@@ -119,6 +121,11 @@ def resolve_models(params: CurateParams) -> dict:
                 raise
             logging.getLogger(__name__).warning("image safety not run: the default nsfw_image model %r cannot "
                                                 "be loaded: %s", r.name, error)
+    if params.models.get("recaption"):  # optional and off by default: a model that cannot caption fails now
+        from tasks.models import check_captioner
+
+        resolved["recaption"] = resolve_model("recaption", params.models["recaption"])
+        check_captioner(resolved["recaption"])
     for role, name in params.models.items():  # any other role named: a bad name still fails now
         if role not in resolved and name:
             resolve_model(role, name)
@@ -192,7 +199,10 @@ def _curate(params: CurateParams, warcs: list[str], progress: bool) -> dict:
             publish = prepare_report(ctx, results, reduces)  # rendered while the dataset shards are written
             results["write"] = _drain(bar, "write", written)
             committed.result()
-    report = publish()
+        # After the commit, outside the lock: the next run commits while this one recaptions its committed rows.
+        batches.has_committed(ctx.run_id)
+        recaptioned = _recaption(ctx, params, results["write"], bar)
+    report = publish(recaption.summary(ctx, recaptioned))
     log.info("dataset: %s  report: %s", ctx.root / "dataset", ctx.root / "report.json")
     return {"run_id": ctx.run_id, "run_dir": ctx.run_dir, "report": report}
 
@@ -239,10 +249,14 @@ def _curate_batches(params: CurateParams, warcs: list[str], progress: bool) -> d
     def child(b: batches.Batch) -> CurateParams:  # made when needed: with replay each holds the run's WARC list
         return batches.child_params(params, b, run_id, lancedb, warcs)
 
-    models = _model_keys(with_revisions(resolve_models(params)))
+    resolved = with_revisions(resolve_models(params))
+    models = _model_keys(resolved)
+    wanted = recaption.wanted(resolved, params)
     done = set()
     for b in plan:  # a batch committed with other settings fails here, before any batch runs
-        if batches.check_reuse(batches.batch_dir(run_dir, b.index), batches.settings_key(child(b), models), b.index):
+        where = batches.batch_dir(run_dir, b.index)
+        if batches.check_reuse(where, batches.settings_key(child(b), models), b.index) and \
+                batches.recaption_current(where, wanted):
             done.add(b.index)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_if_changed(run_dir / "run.json", {
@@ -336,6 +350,15 @@ def _submit_commit(ctx: RunContext, b: _Batch, loaded):
     checked = [steps.crossbatch.submit(ctx, s, u, search) for s, u in zip(b.ids, b.steps["align"], strict=True)]
     written = [steps.write.submit(ctx, s, u) for s, u in zip(b.ids, checked, strict=True)]
     return search, checked, written, steps.commit.submit(ctx, written, loaded)
+
+
+def _recaption(ctx: RunContext, params: CurateParams, written: list, bar) -> list:
+    """The optional recaption step over the committed dataset shards (none when no recaption model is named)."""
+    if "recaption" not in ctx.models:
+        return []
+    with _gpu_placement(params.gpu_resource):
+        futures = [recaption.recaption.submit(ctx, m.shard, m) for m in written]
+    return _drain(bar, "recaption", futures)
 
 
 def _drain(bar, step: str, futures: list) -> list:

@@ -16,6 +16,7 @@ from tasks.paper import SOURCE as PAPER_SOURCE
 
 # Which shard steps count toward each reported stage, in pipeline order (STEPS says which stage each feeds).
 STAGE_STEPS = {stage: tuple(step for step, (owner, _) in STEPS.items() if owner == stage) for stage in STAGES}
+RECAPTION_OFF = {"ran": False, "model": None, "revision": None, "rows": 0, "errors": 0}
 
 def build_report(ctx, results: dict[str, list], reduces: dict, built: dict[str, tuple]) -> dict:
     """Sum the per-shard markers into SPEC's report: all seven stages, chained counts, full reason names."""
@@ -98,6 +99,7 @@ def build_report(ctx, results: dict[str, list], reduces: dict, built: dict[str, 
         "shards": len(ex),
         "samples": sum(m.kept for m in results.get("crossbatch", [])),  # every row crossbatch keeps is written
         "paper": {"stage_after": PAPER_STAGE_AFTER, "source": PAPER_SOURCE},
+        "recaption": dict(RECAPTION_OFF),  # the optional step after the commit fills this in when it runs
     }
 
 
@@ -172,6 +174,12 @@ def render_markdown(report: dict, plots: tuple[str, ...] = tuple(PLOTS)) -> str:
         lines += ["", f"Cross-batch: {xb['queries']} survivors against {xb.get('committed_rows')} committed rows of "
                       f"{len(xb.get('earlier_runs') or [])} earlier run(s) ({xb.get('method')} search{recall}): "
                       f"{xb.get('matches')} repeats."]
+    rc = report.get("recaption") or RECAPTION_OFF
+    if rc["ran"]:
+        lines += ["", f"Recaption: `{rc['model']}` (revision {rc['revision']}) captioned {rc['rows']} committed rows; "
+                      f"{rc['errors']} kept with an empty recaption and their error recorded."]
+    else:
+        lines += ["", "Recaption: not run (off by default; `--recaption-model` turns it on)."]
     for name in plots:
         lines += ["", f"![{PLOTS[name]}](report.{name}.png)"]
     return "\n".join([*lines, ""])
@@ -260,9 +268,6 @@ def prepare_report(ctx, results: dict[str, list], reduces: dict) -> Callable[[],
     root = Path(ctx.run_dir)
     staged = _Staged(root)
     stage = staged.add
-    md = render_markdown(report)
-    stage("report.json", lambda p: p.write_text(json.dumps(report, indent=1, ensure_ascii=False)))
-    stage("report.md", lambda p: p.write_text(md))
     stage("report.funnel.png", lambda p: plot_funnel(report, p))
     hist = _sum_hists([m.extra.get("word_count_hist", []) for m in results.get("source", [])])
     src = ctx.cfg("source")
@@ -274,8 +279,14 @@ def prepare_report(ctx, results: dict[str, list], reduces: dict) -> Callable[[],
     stage("report.groups.png", lambda p: plot_group_sizes(dedup.get("group_size_hist") or {}, p))
     stage("report.clusters.png", lambda p: plot_cluster_sizes(dedup.get("cluster_sizes") or [], p))
 
-    def commit() -> dict:
-        staged.put()
+    def commit(recaption: dict | None = None) -> dict:
+        """`recaption`: the optional step's entry, known only once it has run after the commit."""
+        if recaption is not None:
+            report["recaption"] = recaption
+        md = render_markdown(report)
+        stage("report.md", lambda p: p.write_text(md))
+        stage("report.json", lambda p: p.write_text(json.dumps(report, indent=1, ensure_ascii=False)))
+        staged.put()  # report.json last: it says the run is complete
         _artifacts(report, md, root)
         return report
 
@@ -368,7 +379,22 @@ def merge_reports(run_id: str, parts: list[tuple[int, str, dict]]) -> dict:
                for k, where, r in parts]
     return {"run_id": run_id, "stages": stages, "models": reports[0]["models"], "lancedb": reports[-1]["lancedb"],
             "shards": sum(r["shards"] for r in reports), "samples": sum(r["samples"] for r in reports),
-            "paper": reports[0]["paper"], "batches": batches}
+            "paper": reports[0]["paper"], "batches": batches,
+            "recaption": merge_recaptions([r.get("recaption") or RECAPTION_OFF for r in reports])}
+
+
+def merge_recaptions(entries: list[dict]) -> dict:
+    """The batches' recaption entries as one: the model of the batches that ran (all of them share the run's
+    settings), their counters summed."""
+    ran = [e for e in entries if e["ran"]]
+    if not ran:
+        return dict(RECAPTION_OFF)
+    kinds: dict[str, int] = {}
+    for e in ran:
+        for kind, n in (e.get("error_kinds") or {}).items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    counters = {k: sum(e.get(k) or 0 for e in ran) for k in ("rows", "errors", "shards", "oom_retries")}
+    return {**ran[0], **counters, "error_kinds": kinds, "batches_recaptioned": len(ran)}
 
 
 def render_batches(report: dict) -> str:

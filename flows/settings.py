@@ -21,6 +21,7 @@ from tasks.image import ImageConfig
 from tasks.io.ccconfig import CCConfig
 from tasks.io.http import HttpConfig
 from tasks.io.replay import ReplayConfig
+from tasks.recaption import RecaptionConfig
 from tasks.refine import RefineConfig
 from tasks.source import SourceConfig
 
@@ -40,6 +41,7 @@ CONFIG_SECTIONS: dict[str, type] = {
     "align": AlignConfig,
     "crossbatch": CrossbatchConfig,
     "cc": CCConfig,
+    "recaption": RecaptionConfig,
 }
 
 

@@ -143,6 +143,22 @@ class EmbeddingSchema(pa.DataFrameModel):
         coerce = False
 
 
+class RecaptionSchema(pa.DataFrameModel):
+    """per dataset shard, after the commit: one generated caption per committed row (`danqing release` reads it)."""
+
+    key: Series[str] = pa.Field(str_matches=rf"^[0-9a-f]{{{KEY_HEX}}}$", unique=True)
+    recaption: Series[str]  # "" when generation failed
+    recaption_error: Series[str] = pa.Field(nullable=True)  # null when fine
+
+    @pa.dataframe_check(name="failed_rows_have_no_caption")
+    def _failed_empty(cls, df: pd.DataFrame) -> pd.Series:
+        return df["recaption_error"].isna() | (df["recaption"] == "")
+
+    class Config:
+        strict = True  # exactly the three pinned columns
+        coerce = False
+
+
 class ContractError(RuntimeError):
     """A broken contract between stages: raised at once, naming stage, column, check and rows."""
 

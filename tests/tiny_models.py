@@ -1,5 +1,5 @@
-"""Builds tiny random-weight SigLIP, SigLIP2, Chinese-CLIP, BERT-classifier and ViT-classifier checkpoints offline,
-for tests (and one base-size SigLIP2 for the embed benchmark).
+"""Builds tiny random-weight SigLIP, SigLIP2, Chinese-CLIP, BERT-classifier, ViT-classifier and LLaVA checkpoints
+offline, for tests (and one base-size SigLIP2 for the embed benchmark).
 
 The weights are random placeholders: they exercise the real transformers loading, tokenizer and
 image-processor code, and judge nothing (random weights even collapse distinct images together).
@@ -175,6 +175,52 @@ def build_tiny_image_classifier(directory: str | Path, labels: tuple[str, ...] =
     _save_model(ViTForImageClassification, config, root)
     _bias_head(ViTForImageClassification, root, labels, bias)
     ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root)
+    return root
+
+
+# A LLaVA-style prompt: the chat template the tiny VLM's processor is saved with.
+LLAVA_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+                  "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n"
+                  "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def build_tiny_llava(directory: str | Path) -> Path:
+    """A tiny random-weight LLaVA (``LlavaForConditionalGeneration``: a CLIP vision tower, a Llama decoder) with its
+    real ``LlavaProcessor`` (PIL ``CLIPImageProcessor``, 32 px; a character-level tokenizer built with the
+    ``tokenizers`` library, LLaVA's special tokens included; a chat template). It generates garbage text: random
+    placeholder weights that exercise the image-text-to-text path and judge nothing."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    root = _fresh(directory)
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    characters = sorted({c for line in _training_text() for c in line if not c.isspace()})
+    ascii_ = [chr(c) for c in range(32, 127) if chr(c) not in characters]
+    vocab = {token: i for i, token in enumerate([*specials, *characters, *ascii_, "\n"])}
+    tokenizer = Tokenizer(tokenizer_models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # one token per character
+    tokenizer.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", additional_special_tokens=["<image>"])
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    # 2x2 patches and CLIP's class token, which the "default" strategy drops: 4 image tokens per image.
+    LlavaProcessor(image_processor=image_processor, tokenizer=fast, patch_size=16, num_additional_image_tokens=1,
+                   vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE).save_pretrained(root)
+    text = LlamaConfig(vocab_size=len(vocab), max_position_embeddings=256, num_key_value_heads=2,
+                       pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], **_tower())
+    vision = CLIPVisionConfig(image_size=32, patch_size=16, projection_dim=HIDDEN, **_tower())
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab["<image>"],
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    _save_model(LlavaForConditionalGeneration, config, root)
     return root
 
 

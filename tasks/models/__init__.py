@@ -1,5 +1,6 @@
 """Model roles: resolving names (hub, mirror, ModelScope, local), loading them, and the offline placeholder."""
 
+from tasks.models.caption import Captioner, check_captioner, load_captioner
 from tasks.models.classify import (
     NSFW_IMAGE_LABELS,
     ImageClassifier,
@@ -19,6 +20,7 @@ __all__ = [
     "NSFW_IMAGE_LABELS",
     "PLACEHOLDER",
     "ROLES",
+    "Captioner",
     "EmbeddingModel",
     "ImageClassifier",
     "ModelLoadError",
@@ -26,9 +28,11 @@ __all__ = [
     "ResolvedModel",
     "TextClassifier",
     "TransformersModel",
+    "check_captioner",
     "check_image_classifier",
     "check_text_classifier",
     "count_unknown_tokens",
+    "load_captioner",
     "load_image_classifier",
     "load_model",
     "load_text_classifier",

@@ -171,8 +171,10 @@ def _config(resolved: ResolvedModel):
 
 
 def _cached(kind: str, resolved: ResolvedModel, device: str | None, load: Callable):
+    """The model of `kind` ("text", "image": the safety classifiers; "recaption") for ``resolved``, loaded once per
+    process per device."""
     if resolved.placeholder:
-        raise ValueError(f"the {kind} classifier has no placeholder: name a model for the nsfw_{kind} role")
+        raise ValueError(f"the {kind} model has no placeholder: name a model for the {resolved.role} role")
     device = device or default_device()
     key = (kind, resolved.name, device)
     with _LOCK:

