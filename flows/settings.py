@@ -22,6 +22,7 @@ from tasks.io.ccconfig import CCConfig
 from tasks.io.http import HttpConfig
 from tasks.io.replay import ReplayConfig
 from tasks.refine import RefineConfig
+from tasks.release import ReleaseConfig
 from tasks.source import SourceConfig
 
 DEFAULT_OUT = "./danqing-out"
@@ -40,6 +41,7 @@ CONFIG_SECTIONS: dict[str, type] = {
     "align": AlignConfig,
     "crossbatch": CrossbatchConfig,
     "cc": CCConfig,
+    "release": ReleaseConfig,
 }
 
 
