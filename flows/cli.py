@@ -178,9 +178,9 @@ def cmd_release(args) -> int:
     config = load_thresholds(args.settings) if args.settings else {}
     params = ReleaseParams(runs=args.runs, to=args.to, exclude=args.exclude, recheck_opt_out=args.recheck_opt_out,
                            overwrite=args.overwrite, merge_models=args.merge_models, config=config)
-    root = find_units(args.runs)[0].dir  # a bad run fails before the API server starts; its root keeps the history
-    while not (root / "lancedb").is_dir() and root.parent != root:
-        root = root.parent
+    unit = find_units(args.runs)[0].dir  # a bad run fails before the API server starts
+    # the Prefect history of the release beside its runs': the output root holding the first run's lancedb/
+    root = next((d for d in unit.parents if (d / "lancedb").is_dir()), unit.parent)
     with runtime.prefect_api(root / ".logs", root / ".prefect"):
         result = release(params)
     print(f"release: {result['dir']}  ({result['rows']} pairs; left out: {result['excluded'] or 'none'})")

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -24,6 +25,7 @@ from flows import batches
 from flows.report import figure, merge_reports
 from flows.settings import build_config, check_config
 from tasks.io.http import HttpFetcher
+from tasks.io.lance import committed_blocks
 from tasks.io.polite import OPT_OUT, ROBOTS
 from tasks.release import (
     CardInput,
@@ -32,6 +34,7 @@ from tasks.release import (
     ReleaseStats,
     TarShards,
     caption_histogram,
+    cluster_sizes,
     read_samples,
     release_rows,
     release_sample,
@@ -137,8 +140,9 @@ def recheck_opt_out(urls: list[str], fetcher: HttpFetcher) -> list[str | None]:
 
 
 def _release_shard(unit: Unit, meta: Path, excludes: ExcludeList, fetcher: HttpFetcher | None,
-                   parquet: ParquetShards, tars: TarShards, stats: ReleaseStats) -> None:
-    """One dataset shard of a unit into the release: its rows less the excluded ones, parquet and images."""
+                   parquet: ParquetShards, tars: TarShards, stats: ReleaseStats, left_out: set) -> None:
+    """One dataset shard of a unit into the release: its rows less the excluded ones (added to `left_out` as
+    (LanceDB run id, key)), parquet and images."""
     frame = pd.read_parquet(meta)
     kinds = excludes.kinds(frame)
     if fetcher is not None:
@@ -146,6 +150,7 @@ def _release_shard(unit: Unit, meta: Path, excludes: ExcludeList, fetcher: HttpF
         if left.any():
             kinds[left] = recheck_opt_out(frame.loc[left, "url"].tolist(), fetcher)
     stats.excluded.update(kinds.dropna())
+    left_out.update((unit.report["run_id"], k) for k in frame.loc[kinds.notna(), "key"])
     kept = frame[kinds.isna()].reset_index(drop=True)
     recap_path = unit.dir / "recaption" / meta.name
     recaps = pd.read_parquet(recap_path, columns=["key", "recaption"]) if recap_path.is_file() else None
@@ -162,18 +167,36 @@ def _release_shard(unit: Unit, meta: Path, excludes: ExcludeList, fetcher: HttpF
     stats.add(kept.assign(recaption=list(recaption.values())))
 
 
-def _plots(stats: ReleaseStats, folder: Path) -> tuple[str, ...]:
+def release_clusters(units: list[Unit], left_out: set, rows: int) -> dict[str, list[int]]:
+    """Per embeddings table, the k-means cluster sizes over the released rows' vectors (streamed from LanceDB,
+    twice: a sample to train on, then every row), as the run report draws them for one run."""
+    tables: dict[tuple[str, str], list[str]] = {}
+    for u in units:
+        db = u.report.get("lancedb") or {}
+        if db.get("uri") and db.get("table"):
+            tables.setdefault((db["uri"], db["table"]), []).append(u.report["run_id"])
+    sizes = {}
+    for (uri, table), run_ids in tables.items():
+        def blocks(uri=uri, table=table, run_ids=run_ids):
+            for keys, runs, vectors in committed_blocks(uri, table, run_ids):
+                keep = [(r, k) not in left_out for r, k in zip(runs, keys, strict=True)]
+                yield vectors[np.asarray(keep, bool)]
+        sizes[table] = cluster_sizes(blocks, rows)
+    return sizes
+
+
+def _plots(stats: ReleaseStats, clusters: dict[str, list[int]], folder: Path) -> tuple[str, ...]:
     xs, ys = caption_histogram(stats.caption_chars)
     with figure(folder / "caption_length.png", (8, 3.5)) as ax:
         ax.bar(xs, ys, width=1.0, label="released captions")
         ax.set_xlabel("caption length, characters (last bin: longer)")
         ax.set_ylabel("pairs")
-    sizes = sorted(stats.group_sizes)
-    with figure(folder / "group_sizes.png", (8, 3.5)) as ax:
-        ax.bar([str(s) for s in sizes], [stats.group_sizes[s] for s in sizes], label="released pairs")
-        ax.set_xlabel("size of the duplicate group each released image stood for")
-        ax.set_ylabel("pairs")
-    return "caption_length.png", "group_sizes.png"
+    with figure(folder / "cluster_sizes.png", (8, 3.5)) as ax:
+        for table, sizes in clusters.items():
+            ax.plot(range(1, len(sizes) + 1), sizes, marker=".", label=f"{len(sizes)} k-means clusters ({table})")
+        ax.set_xlabel("cluster rank")
+        ax.set_ylabel("released images in cluster")
+    return "caption_length.png", "cluster_sizes.png"
 
 
 @flow(name="release", log_prints=True)
@@ -198,19 +221,20 @@ def release(params: ReleaseParams) -> dict:
     parquet = ParquetShards(tmp / "data", cfg.parquet_max_bytes, cfg.row_group_rows)
     tars = TarShards(tmp / "images", cfg.tar_max_bytes)
     fetcher = HttpFetcher(http, shared_caches=False) if params.recheck_opt_out else None
-    stats = ReleaseStats()
+    stats, left_out = ReleaseStats(), set()
     for unit in units:
         for meta in sorted((unit.dir / "dataset").glob("*.parquet")):
-            _release_shard(unit, meta, excludes, fetcher, parquet, tars, stats)
+            _release_shard(unit, meta, excludes, fetcher, parquet, tars, stats, left_out)
     files = {"data": [p.name for p in parquet.finish()], "images": [p.name for p in tars.finish()]}
+    clusters = release_clusters(units, left_out, stats.rows)
     funnel = merge_reports(dest.name, [(i, str(u.dir), u.report) for i, u in enumerate(units)])
     card = CardInput(funnel=funnel, runs=_runs(units), reports=[u.report for u in units], stats=stats,
                      excludes=excludes, recheck=params.recheck_opt_out,
-                     mixed_models=models if len(models) > 1 else [], plots=_plots(stats, tmp))
+                     mixed_models=models if len(models) > 1 else [], plots=_plots(stats, clusters, tmp))
     (tmp / "README.md").write_text(render_card(card, cfg))
     summary = {"rows": stats.rows, "excluded": dict(stats.excluded), "runs": [r["run_id"] for r in card.runs],
                "units": [str(u.dir) for u in units], "funnel": funnel["stages"], "files": files,
-               "embed_models": models}
+               "embed_models": models, "cluster_sizes": clusters}
     (tmp / "release.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     _publish(tmp, dest)
     print(f"release: {stats.rows} pairs in {dest} ({sum(stats.excluded.values())} left out)")

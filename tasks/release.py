@@ -7,15 +7,17 @@ import os
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.dedup import CLUSTERS, kmeans
 from tasks.paper import PAPER_STAGE_AFTER, rules_table
 from tasks.paper import SOURCE as PAPER_SOURCE
 from tasks.write import end_of_archive, sample_bytes
@@ -278,17 +280,41 @@ class ReleaseStats:
     excluded: Counter = field(default_factory=Counter)  # kind -> rows left out (sha256, url, domain, robots, ...)
     image_hosts: Counter = field(default_factory=Counter)
     caption_chars: Counter = field(default_factory=Counter)  # caption length in characters -> rows
-    group_sizes: Counter = field(default_factory=Counter)  # in-batch duplicate-group size -> released rows
     recaptioned: int = 0
 
     def add(self, kept: pd.DataFrame) -> None:
         self.rows += len(kept)
         self.image_hosts.update(_hosts(kept, "image_host", "url").dropna())
         self.caption_chars.update(kept["caption"].str.len())
-        if "group_size" in kept.columns:
-            self.group_sizes.update(int(g) for g in kept["group_size"].dropna())
         if "recaption" in kept.columns:
             self.recaptioned += int(kept["recaption"].fillna("").astype(bool).sum())
+
+
+def cluster_sizes(blocks: Callable[[], Iterator[np.ndarray]], rows: int, seed: int = 0,
+                  clusters: int = CLUSTERS, per_cluster: int = 50) -> list[int]:
+    """Sizes, largest first, of a k-means over vectors too many to hold: `blocks()` streams them (twice). The
+    centroids are trained on `per_cluster` rows a cluster drawn uniformly while streaming (the lowest random
+    priorities seen), then every row is counted under its nearest centroid. At most `clusters`, at least 5 rows
+    a cluster, as the run report's curve."""
+    k = min(clusters, rows // 5)
+    if k < 2:
+        return [rows] if rows else []
+    rng = np.random.default_rng(seed)
+    want = per_cluster * k
+    sample, priority = None, np.empty(0)
+    for v in blocks():
+        sample = v if sample is None else np.concatenate([sample, v])
+        priority = np.concatenate([priority, rng.random(len(v))])
+        if len(sample) > want:
+            keep = np.argpartition(priority, want)[:want]
+            sample, priority = sample[keep], priority[keep]
+    if sample is None:
+        return []
+    centroids, _ = kmeans(sample, k, seed=seed)
+    counts = np.zeros(len(centroids), np.int64)
+    for v in blocks():
+        counts += np.bincount(np.argmax(v @ centroids.T, axis=1), minlength=len(centroids))
+    return sorted((int(c) for c in counts if c), reverse=True)
 
 
 def size_category(n: int) -> str:

@@ -98,6 +98,9 @@ def test_the_cards_numbers_equal_the_reports(sample):
     top = _dataset(run_dir)["image_host"].value_counts()
     assert f"| {top.index[0]} | {top.iloc[0]} |" in card
     assert (dest / "caption_length.png").stat().st_size > 0 and result["rows"] == report["samples"]
+    (sizes,) = result["cluster_sizes"].values()  # k-means over the released rows' vectors in LanceDB
+    assert sum(sizes) == result["rows"] and len(sizes) == min(100, result["rows"] // 5)
+    assert (dest / "cluster_sizes.png").stat().st_size > 0 and "![cluster_sizes.png]" in card
 
 
 def test_an_exclude_list_of_one_host_and_one_sha256_removes_exactly_those_rows(sample, tmp_path):
@@ -114,6 +117,7 @@ def test_an_exclude_list_of_one_host_and_one_sha256_removes_exactly_those_rows(s
     gone = on_host | (committed["sha256"] == victim["sha256"])
     assert sorted(_released(dest)["key"]) == sorted(committed.loc[~gone, "key"])
     assert result["rows"] == len(committed) - int(gone.sum())
+    assert sum(*result["cluster_sizes"].values()) == result["rows"]  # the left-out rows' vectors are not counted
     card = (dest / "README.md").read_text()
     assert f"| domain | {int(on_host.sum())} |" in card and "| sha256 | 1 |" in card
     assert sum(1 for p in (dest / "images").glob("*.tar") for m in tarfile.open(p) if m.name.endswith(".jpg")) == \
@@ -205,6 +209,9 @@ def test_recheck_opt_out_leaves_out_what_a_changed_robots_txt_or_header_now_refu
                            "recaption_error": [None] * len(first)})
     (copy / "recaption").mkdir()
     recaps.to_parquet(copy / "recaption" / shards[0].name)
+    report = json.loads((copy / "report.json").read_text())
+    report["recaption"] = {"ran": True, "model": "Qwen/Qwen2-VL-2B-Instruct", "revision": "abc123"}
+    (copy / "report.json").write_text(json.dumps(report))
     with serve(app) as port:
         for p in shards:
             frame = pd.read_parquet(p)
@@ -222,6 +229,7 @@ def test_recheck_opt_out_leaves_out_what_a_changed_robots_txt_or_header_now_refu
     assert result["excluded"] == {"robots": int(robots.sum()), "opt_out": 1}
     card = (dest / "README.md").read_text()
     assert f"| robots | {int(robots.sum())} |" in card and "| opt_out | 1 |" in card
+    assert "| recaption | `Qwen/Qwen2-VL-2B-Instruct` | abc123 | no |" in card
     want = dict(zip(recaps["key"], recaps["recaption"], strict=True))
     got = released.set_index("key")["recaption"]
     assert all(got[k] == want[k] for k in got.index if k in want) and got[~got.index.isin(want)].isna().all()

@@ -7,6 +7,7 @@ import json
 import tarfile
 from collections import Counter
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -20,6 +21,7 @@ from tasks.release import (
     ReleaseConfig,
     ReleaseStats,
     TarShards,
+    cluster_sizes,
     read_samples,
     release_rows,
     release_sample,
@@ -172,3 +174,23 @@ def test_the_card_has_hub_front_matter_and_numbers_from_its_inputs():
 def test_size_categories_follow_the_hubs_bounds():
     assert [size_category(n) for n in (0, 999, 1000, 99_892_381, 100_000_000)] == [
         "n<1K", "n<1K", "1K<n<10K", "10M<n<100M", "100M<n<1B"]
+
+
+def test_cluster_sizes_stream_the_vectors_and_count_every_row_once():
+    rng = np.random.default_rng(3)
+    centres = np.eye(8, dtype=np.float32)[:3]
+    vectors = np.concatenate([c + 0.01 * rng.standard_normal((n, 8)) for c, n in
+                              zip(centres, (60, 30, 10), strict=True)])
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    order = rng.permutation(len(vectors))
+    passes = []
+
+    def blocks():
+        passes.append(1)
+        for start in range(0, len(vectors), 16):
+            yield vectors[order[start:start + 16]]
+
+    assert cluster_sizes(blocks, len(vectors), clusters=3, per_cluster=5) == [60, 30, 10]
+    assert len(passes) == 2  # a sample pass and a counting pass, never the whole set at once
+    assert sum(cluster_sizes(blocks, len(vectors))) == 100
+    assert cluster_sizes(blocks, 4) == [4]
