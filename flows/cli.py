@@ -173,12 +173,15 @@ def cmd_calibrate(args) -> int:
 
 def cmd_release(args) -> int:
     from flows import runtime
-    from flows.release import ReleaseParams, find_units, release
+    from flows.release import ReleaseParams, check_destination, find_units, release
+    from tasks.release import ExcludeList
 
     config = load_thresholds(args.settings) if args.settings else {}
+    ExcludeList.load(args.exclude)  # a bad list, destination or run fails here, before the API server starts
+    check_destination(Path(args.to).resolve(), args.overwrite)
     params = ReleaseParams(runs=args.runs, to=args.to, exclude=args.exclude, recheck_opt_out=args.recheck_opt_out,
                            overwrite=args.overwrite, merge_models=args.merge_models, config=config)
-    unit = find_units(args.runs)[0].dir  # a bad run fails before the API server starts
+    unit = find_units(args.runs)[0].dir
     # the Prefect history of the release beside its runs': the output root holding the first run's lancedb/
     root = next((d for d in unit.parents if (d / "lancedb").is_dir()), unit.parent)
     with runtime.prefect_api(root / ".logs", root / ".prefect"):

@@ -116,7 +116,9 @@ def threshold_provenance(config: dict, band: dict) -> dict:
     a fittable threshold set by the run's thresholds file (what `danqing calibrate` writes), or an alignment
     band fitted by quantiles during the run. A fittable one left at its default is not calibrated."""
     from flows.calibrate import CHAINS
-    from flows.settings import build_config
+    from flows.settings import build_config, canonical_config
+
+    config = canonical_config({k: v for k, v in config.items() if isinstance(v, dict)})
 
     fittable = {(section, r.setting) for section, (_, chain) in CHAINS.items() for r in chain.scored}
     fittable |= {("align", "low"), ("align", "high")}

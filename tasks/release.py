@@ -358,12 +358,14 @@ def render_card(card: CardInput, config: ReleaseConfig) -> str:
              f"{', `<key>.recaption.txt`' if stats.recaptioned else ''}).", "",
              "```bash", "img2dataset --url_list data --input_format parquet --url_col url --caption_col alt_text \\",
              "  --save_additional_columns '[\"recaption\"]' --output_format webdataset --output_folder images", "```"]
+    if stats.recaptioned:
+        lines += ["", f"{stats.recaptioned} of the {stats.rows} pairs have a synthetic `recaption` (models below)."]
     lines += _funnel_lines(card.funnel, stats, card.excludes, card.recheck)
     lines += ["", "## Snapshots and runs", "", "| run | snapshots | units | samples committed |", "|---|---|---:|---:|"]
     lines += [f"| `{r['run_id']}` | {', '.join(r['snapshots']) or '-'} | {r['units']} | {r['samples']} |"
               for r in card.runs]
     lines += _model_lines(card.reports, card.mixed_models)
-    lines += _threshold_lines(card.funnel.get("thresholds") or {})
+    lines += _threshold_lines([r.get("thresholds") or {} for r in card.reports])
     placeholder = sorted({s["stage"] for r in card.reports for s in r["stages"] if s.get("placeholder_model")})
     if placeholder:
         lines += ["", f"**Placeholder model** in {', '.join(placeholder)}: those stages ran on the built-in "
@@ -420,13 +422,19 @@ def _model_lines(reports: list[dict], mixed: list[str]) -> list[str]:
     return lines
 
 
-def _threshold_lines(thresholds: dict) -> list[str]:
-    if not thresholds:
+def _threshold_lines(per_unit: list[dict]) -> list[str]:
+    """Each threshold once: its value (every distinct value when the units differ), default, calibrated or not."""
+    names = list(dict.fromkeys(n for t in per_unit for n in t))
+    if not names:
         return []
     lines = ["", "## Thresholds", "", "| setting | value | default | calibrated |", "|---|---:|---:|---|"]
-    for name, t in thresholds.items():
-        how = "yes" if t.get("calibrated") else ("no (default)" if t.get("fittable") else "not fitted (paper's)")
-        lines.append(f"| `{name}` | {t.get('value')} | {t.get('default')} | {how} |")
+    for name in names:
+        given = [t[name] for t in per_unit if name in t]
+        values = " / ".join(str(v) for v in dict.fromkeys(g.get("value") for g in given))
+        calibrated = {bool(g.get("calibrated")) for g in given}
+        how = ("yes" if calibrated == {True} else "in some runs" if len(calibrated) > 1
+               else "no (default)" if given[0].get("fittable") else "not fitted (paper's)")
+        lines.append(f"| `{name}` | {values} | {given[0].get('default')} | {how} |")
     return lines
 
 

@@ -156,9 +156,10 @@ def _report(kept: list[int], placeholder: bool = False) -> dict:
 def test_the_card_has_hub_front_matter_and_numbers_from_its_inputs():
     report = _report([10, 9, 8, 7, 6, 5, 4], placeholder=True)
     stats = ReleaseStats(rows=3, excluded=Counter({"domain": 1}), image_hosts=Counter({"img.a.test": 2, "b.test": 1}))
+    report["thresholds"] = {"refine.lid_threshold": {"value": 0.7, "default": 0.5, "fittable": True,
+                                                     "calibrated": True}}
     card = render_card(CardInput(
-        funnel={**report, "thresholds": {"refine.lid_threshold": {"value": 0.7, "default": 0.5, "fittable": True,
-                                                                  "calibrated": True}}},
+        funnel=report,
         runs=[{"run_id": "r", "snapshots": ["CC-MAIN-2024-33"], "units": 1, "samples": 4}], reports=[report],
         stats=stats, excludes=ExcludeList.parse(["a.test"]), recheck=False, mixed_models=[]), ReleaseConfig())
     front = yaml.safe_load(card.split("---\n")[1])
@@ -194,3 +195,12 @@ def test_cluster_sizes_stream_the_vectors_and_count_every_row_once():
     assert len(passes) == 2  # a sample pass and a counting pass, never the whole set at once
     assert sum(cluster_sizes(blocks, len(vectors))) == 100
     assert cluster_sizes(blocks, 4) == [4]
+
+
+def test_the_card_shows_every_value_a_threshold_had_across_the_runs():
+    a, b = _report([10, 9, 8, 7, 6, 5, 4]), _report([10, 9, 8, 7, 6, 5, 4])
+    a["thresholds"] = {"refine.lid_threshold": {"value": 0.5, "default": 0.5, "fittable": True, "calibrated": False}}
+    b["thresholds"] = {"refine.lid_threshold": {"value": 0.62, "default": 0.5, "fittable": True, "calibrated": True}}
+    card = render_card(CardInput(funnel=a, runs=[], reports=[a, b], stats=ReleaseStats(rows=8),
+                                 excludes=ExcludeList(), recheck=False, mixed_models=[]), ReleaseConfig())
+    assert "| `refine.lid_threshold` | 0.5 / 0.62 | 0.5 | in some runs |" in card

@@ -258,3 +258,18 @@ def test_variants_1_and_2_released_together_hold_each_image_once(prefect_server,
     assert repeats and not repeats & set(released["url"])
     assert result["runs"] == ["v1", "v2"] and re.search(r"\| `v2` \| .* \| 1 \| \d+ \|",
                                                         (dest / "README.md").read_text())
+
+
+def test_the_report_says_which_thresholds_were_calibrated():
+    from flows.report import threshold_provenance
+
+    got = threshold_provenance({"refine": {"lid_threshold": 0.62}, "crossbatch": {"threshold": 0.05}},
+                               {"low": 0.2, "high": 0.4, "fitted": True})
+    assert got["refine.lid_threshold"] == {"value": 0.62, "default": 0.5, "set": True, "fittable": True,
+                                           "calibrated": True}
+    assert got["refine.entropy_threshold"]["fittable"] and not got["refine.entropy_threshold"]["calibrated"]
+    assert got["dedup.threshold"] == {"value": 0.05, "default": 0.1, "set": True, "fittable": False,
+                                      "calibrated": False}  # the old spelling read as the one radius
+    assert got["align.low"]["value"] == 0.2 and got["align.low"]["calibrated"]
+    fixed = threshold_provenance({}, {"low": 0.23, "high": 0.44, "fitted": False})  # the paper's band, unfitted
+    assert not fixed["align.high"]["calibrated"] and fixed["align.high"]["value"] == 0.44
