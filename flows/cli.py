@@ -1,7 +1,7 @@
 """The `danqing` command: `run` curates WARC files or a snapshot (the sample crawl by default), `up` starts a
 local Prefect + Dask stack with the deployments, `worker` runs a Prefect worker that stops within a bound,
-`calibrate` fits a run's unpublished thresholds to the paper's removal rates, `sample` writes the sample crawl
-(or one of its cross-batch variants)."""
+`calibrate` fits a run's unpublished thresholds to the paper's removal rates, `release` merges runs into one
+published dataset with its card, `sample` writes the sample crawl (or one of its cross-batch variants)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,20 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("run_dir", metavar="RUN_DIR", help="a finished run: <out>/<run-id>")
     cal.add_argument("--out", metavar="FILE", help="thresholds file to write (default RUN_DIR/thresholds.json); "
                                                    "use it with `danqing run --thresholds FILE`")
+    rel = sub.add_parser("release", help="merge the committed output of runs into one release with a dataset card")
+    rel.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                     help="run directories (<out>/<run-id>), or an output root: every committed run under it")
+    rel.add_argument("--to", required=True, metavar="DIR", help="the release directory (written aside, then renamed)")
+    rel.add_argument("--exclude", nargs="+", default=[], metavar="FILE",
+                     help="takedown lists, one entry a line: an image sha256, an image URL, or a domain (the image "
+                          "or page host and its subdomains)")
+    rel.add_argument("--recheck-opt-out", action="store_true",
+                     help="ask each image host's robots.txt and X-Robots-Tag again; leave out what now opts out")
+    rel.add_argument("--overwrite", action="store_true", help="replace a release already at --to")
+    rel.add_argument("--merge-models", action="store_true",
+                     help="release runs curated with different embed models together (the card says so)")
+    rel.add_argument("--settings", metavar="FILE",
+                     help="JSON/YAML with sections release (shard sizes, license, ...) and http (the re-check)")
     sample = sub.add_parser("sample", help="write the sample crawl")
     sample.add_argument("--out", default=f"{DEFAULT_OUT}/sample-crawl", help="directory for the WARC files")
     sample.add_argument("--variant", type=int, metavar="N",
@@ -173,6 +187,26 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_release(args) -> int:
+    from flows import runtime
+    from flows.release import ReleaseParams, check_destination, find_units, release
+    from tasks.release import ExcludeList
+
+    config = load_thresholds(args.settings) if args.settings else {}
+    ExcludeList.load(args.exclude)  # a bad list, destination or run fails here, before the API server starts
+    check_destination(Path(args.to).resolve(), args.overwrite)
+    params = ReleaseParams(runs=args.runs, to=args.to, exclude=args.exclude, recheck_opt_out=args.recheck_opt_out,
+                           overwrite=args.overwrite, merge_models=args.merge_models, config=config)
+    unit = find_units(args.runs)[0].dir
+    # the Prefect history of the release beside its runs': the output root holding the first run's lancedb/
+    root = next((d for d in unit.parents if (d / "lancedb").is_dir()), unit.parent)
+    with runtime.prefect_api(root / ".logs", root / ".prefect"):
+        result = release(params)
+    print(f"release: {result['dir']}  ({result['rows']} pairs; left out: {result['excluded'] or 'none'})")
+    print(f"card:    {Path(result['dir']) / 'README.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
@@ -201,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "calibrate":
             return cmd_calibrate(args)
+        if args.command == "release":
+            return cmd_release(args)
         return cmd_run(args)
-    except (FileNotFoundError, ValueError, ConnectionError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, ConnectionError) as err:
         print(f"danqing: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # the flow's own failure (a ContractError, a stage bug): one clear line

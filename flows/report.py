@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flows.pipeline import STEPS, built_rules
 from schemas.reasons import STAGES, stage_reasons
-from tasks.paper import PAPER_AFTER, PAPER_STAGE_AFTER
+from tasks.paper import PAPER_STAGE_AFTER, rules_table
 from tasks.paper import SOURCE as PAPER_SOURCE
 
 # Which shard steps count toward each reported stage, in pipeline order (STEPS says which stage each feeds).
@@ -93,14 +93,48 @@ def build_report(ctx, results: dict[str, list], reduces: dict, built: dict[str, 
     return {
         "run_id": ctx.run_id,
         "stages": stages,
-        "models": {role: {"name": m.name, "placeholder": m.placeholder, "source": m.source}
+        "models": {role: {"name": m.name, "placeholder": m.placeholder, "source": m.source, "revision": m.revision}
                    for role, m in ctx.models.items()},
+        "thresholds": threshold_provenance(ctx.config, by["align"]["band"]),
         "lancedb": _extra(reduces, "lancedb"),
         "shards": len(ex),
         "samples": sum(m.kept for m in results.get("crossbatch", [])),  # every row crossbatch keeps is written
         "paper": {"stage_after": PAPER_STAGE_AFTER, "source": PAPER_SOURCE},
         "recaption": dict(RECAPTION_OFF),  # the optional step after the commit fills this in when it runs
     }
+
+
+# The thresholds a reader of the paper's Table 6 asks about, as (section, setting); the calibrated ones are those
+# `danqing calibrate` fits (the paper did not publish them) and the alignment band.
+THRESHOLDS = (("source", "min_words"), ("source", "max_words"), ("refine", "lid_threshold"),
+              ("refine", "max_unk_tokens"), ("refine", "entropy_threshold"), ("refine", "text_nsfw_threshold"),
+              ("image", "max_aspect"), ("image", "min_side"), ("image", "min_gray_std"),
+              ("image", "min_laplacian_var"), ("image", "min_gray_entropy"), ("image", "nsfw_threshold"),
+              ("dedup", "threshold"), ("align", "low"), ("align", "high"))
+
+
+def threshold_provenance(config: dict, band: dict) -> dict:
+    """Each threshold's value, its default, whether the run's settings set it, and whether it was calibrated:
+    a fittable threshold set by the run's thresholds file (what `danqing calibrate` writes), or an alignment
+    band fitted by quantiles during the run. A fittable one left at its default is not calibrated."""
+    from flows.calibrate import CHAINS
+    from flows.settings import build_config, canonical_config
+
+    config = canonical_config({k: v for k, v in config.items() if isinstance(v, dict)})
+
+    fittable = {(section, r.setting) for section, (_, chain) in CHAINS.items() for r in chain.scored}
+    fittable |= {("align", "low"), ("align", "high")}
+    out = {}
+    for section, name in THRESHOLDS:
+        given = config.get(section) or {}
+        value = getattr(build_config(section, given), name)
+        default = getattr(build_config(section, {}), name)
+        if section == "align" and value is None:  # the band the run used: fixed by the paper's model, or fitted
+            value = band.get(name)
+        calibrated = (section, name) in fittable and (name in given or bool(section == "align" and band.get("fitted")))
+        out[f"{section}.{name}"] = {"value": value, "default": default, "set": name in given,
+                                    "fittable": (section, name) in fittable, "calibrated": calibrated}
+    return out
 
 
 def _extra(reduces: dict, name: str) -> dict:
@@ -132,24 +166,7 @@ def render_markdown(report: dict, plots: tuple[str, ...] = tuple(PLOTS)) -> str:
         paper = PAPER_STAGE_AFTER[s["stage"]]
         lines.append(f"| {s['stage']} | {s['in']} | {s['kept']} | {100 * s['kept'] / raw:.1f} | {paper:,} | "
                      f"{100 * paper / PAPER_STAGE_AFTER['extract']:.1f} |")
-    lines += ["", "## Rules beside the paper's Table 6", "",
-              "| paper step | our reasons | our removed | our removed % of step input | paper removed % |",
-              "|---|---|---:|---:|---:|"]
-    drops = {r: n for s in report["stages"] for r, n in s["dropped"].items()}
-    not_run = {r for s in report["stages"] for r in s["not_run"]}
-    ours_in = by["extract"]["kept"]
-    paper_prev = None
-    for name, reasons, after in PAPER_AFTER:
-        if reasons is None:
-            paper_prev = after
-            continue
-        removed = sum(drops.get(r, 0) for r in reasons)
-        ran = [r for r in reasons if r not in not_run]
-        ours = f"{100 * removed / ours_in:.1f}" if ran and ours_in else "not run"
-        lines.append(f"| {name} | {', '.join(f'`{r}`' for r in reasons)} | {removed if ran else '-'} | {ours} | "
-                     f"{100 * (paper_prev - after) / paper_prev:.1f} |")
-        ours_in -= removed
-        paper_prev = after
+    lines += ["", "## Rules beside the paper's Table 6", "", *rules_table(report["stages"])]
     thr = by["refine"].get("thresholds")
     if thr:
         nsfw = f", classifier >= {thr['text_nsfw']:.4g}" if thr.get("text_nsfw") is not None else ""
@@ -186,7 +203,7 @@ def render_markdown(report: dict, plots: tuple[str, ...] = tuple(PLOTS)) -> str:
 
 
 @contextlib.contextmanager
-def _figure(path: Path, size: tuple[float, float]):
+def figure(path: Path, size: tuple[float, float]):
     """A headless matplotlib figure saved as PNG at `path` (no timestamped metadata) and closed."""
     import matplotlib
 
@@ -208,7 +225,7 @@ def plot_funnel(report: dict, path: Path) -> None:
     raw = report["stages"][0]["kept"] or 1
     ours = [100 * s["kept"] / raw for s in report["stages"]]
     paper = [100 * PAPER_STAGE_AFTER[n] / PAPER_STAGE_AFTER["extract"] for n in names]
-    with _figure(path, (8, 4)) as ax:
+    with figure(path, (8, 4)) as ax:
         x = range(len(names))
         ax.bar([i - 0.2 for i in x], ours, width=0.4, label="this run")
         ax.bar([i + 0.2 for i in x], paper, width=0.4, label="DanQing Table 6")
@@ -218,7 +235,7 @@ def plot_funnel(report: dict, path: Path) -> None:
 
 
 def plot_word_counts(hist: list[int], path: Path, lo: int, hi: int) -> None:
-    with _figure(path, (8, 3.5)) as ax:
+    with figure(path, (8, 3.5)) as ax:
         ax.bar(range(len(hist)), hist, width=1.0)
         ax.axvline(lo - 0.5, color="red", linestyle="--", label=f"kept {lo}-{hi} words")
         ax.axvline(hi + 0.5, color="red", linestyle="--")
@@ -229,7 +246,7 @@ def plot_word_counts(hist: list[int], path: Path, lo: int, hi: int) -> None:
 def plot_similarity(band: dict, path: Path) -> None:
     """Histogram of the image-text similarity entering align, with the band marked."""
     counts, edges = band["histogram"]["counts"], band["histogram"]["edges"]
-    with _figure(path, (8, 3.5)) as ax:
+    with figure(path, (8, 3.5)) as ax:
         ax.stairs(counts, edges, fill=True, label="pairs entering align")
         how = "fitted to the paper's rate" if band.get("fitted") else "fixed"
         ax.axvspan(band["low"], band["high"], color="green", alpha=0.15, label=f"band kept ({how})")
@@ -240,7 +257,7 @@ def plot_similarity(band: dict, path: Path) -> None:
 def plot_group_sizes(hist: dict, path: Path) -> None:
     """Duplicate groups by size (stage 3 redundancy): how many groups of 2, 3, ... images."""
     sizes = sorted(int(k) for k in hist)
-    with _figure(path, (8, 3.5)) as ax:
+    with figure(path, (8, 3.5)) as ax:
         ax.bar([str(s) for s in sizes], [hist[str(s)] if str(s) in hist else hist[s] for s in sizes],
                label="duplicate groups")
         ax.set_xlabel("group size (images linked within the dedup radius)")
@@ -251,7 +268,7 @@ def plot_group_sizes(hist: dict, path: Path) -> None:
 
 def plot_cluster_sizes(sizes: list[int], path: Path) -> None:
     """Sizes of k-means clusters over the image embeddings, largest first (the paper's semantic balance)."""
-    with _figure(path, (8, 3.5)) as ax:
+    with figure(path, (8, 3.5)) as ax:
         ax.plot(range(1, len(sizes) + 1), sizes, marker=".", label=f"{len(sizes)} k-means clusters")
         ax.set_xlabel("cluster rank")
         ax.set_ylabel("images in cluster")
@@ -377,7 +394,8 @@ def merge_reports(run_id: str, parts: list[tuple[int, str, dict]]) -> dict:
                 "kept": {s["stage"]: s["kept"] for s in r["stages"]},
                 "crossbatch_matches": (by_stage(r, "crossbatch").get("search") or {}).get("matches")}
                for k, where, r in parts]
-    return {"run_id": run_id, "stages": stages, "models": reports[0]["models"], "lancedb": reports[-1]["lancedb"],
+    return {"run_id": run_id, "stages": stages, "models": reports[0]["models"],
+            "thresholds": reports[0].get("thresholds"), "lancedb": reports[-1]["lancedb"],
             "shards": sum(r["shards"] for r in reports), "samples": sum(r["samples"] for r in reports),
             "paper": reports[0]["paper"], "batches": batches,
             "recaption": merge_recaptions([r.get("recaption") or RECAPTION_OFF for r in reports])}

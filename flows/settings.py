@@ -23,6 +23,7 @@ from tasks.io.http import HttpConfig
 from tasks.io.replay import ReplayConfig
 from tasks.recaption import RecaptionConfig
 from tasks.refine import RefineConfig
+from tasks.release import ReleaseConfig
 from tasks.source import SourceConfig
 
 DEFAULT_OUT = "./danqing-out"
@@ -42,6 +43,7 @@ CONFIG_SECTIONS: dict[str, type] = {
     "crossbatch": CrossbatchConfig,
     "cc": CCConfig,
     "recaption": RecaptionConfig,
+    "release": ReleaseConfig,
 }
 
 

@@ -183,7 +183,7 @@ def up(port: int, out: Path, gpu_slots: int = 1) -> int:
     try:
         stack.start()
         print(f"danqing stack up: UI http://127.0.0.1:{port}  API {stack.api}\n"
-              f"  deployments: curate-snapshot, curate-latest, backfill   work pools: {', '.join(POOLS)}\n"
+              f"  deployments: curate-snapshot, curate-latest, backfill, release   work pools: {', '.join(POOLS)}\n"
               f"  Dask scheduler {stack.env['DANQING_DASK_ADDRESS']}   logs {stack.home / 'logs'}\n"
               "  Ctrl-C stops everything.", flush=True)
         while all(p.poll() is None for p in stack.procs):

@@ -39,3 +39,26 @@ def paper_removal(reason: str) -> float:
             return (before - after) / before
         before = after
     raise KeyError(f"{reason} has no row in {SOURCE}")
+
+
+def rules_table(stages: list[dict]) -> list[str]:
+    """A report's per-rule removals beside the paper's, as markdown table lines: one row per paper step, our
+    removed count and share of the step's input (rules that did not run say so)."""
+    lines = ["| paper step | our reasons | our removed | our removed % of step input | paper removed % |",
+             "|---|---|---:|---:|---:|"]
+    drops = {r: n for s in stages for r, n in s["dropped"].items()}
+    not_run = {r for s in stages for r in s["not_run"]}
+    ours_in = stages[0]["kept"]
+    paper_prev = None
+    for name, reasons, after in PAPER_AFTER:
+        if reasons is None:
+            paper_prev = after
+            continue
+        removed = sum(drops.get(r, 0) for r in reasons)
+        ran = [r for r in reasons if r not in not_run]
+        ours = f"{100 * removed / ours_in:.1f}" if ran and ours_in else "not run"
+        lines.append(f"| {name} | {', '.join(f'`{r}`' for r in reasons)} | {removed if ran else '-'} | {ours} | "
+                     f"{100 * (paper_prev - after) / paper_prev:.1f} |")
+        ours_in -= removed
+        paper_prev = after
+    return lines

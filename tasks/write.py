@@ -72,11 +72,26 @@ def write_webdataset(frame: pd.DataFrame, tar_path: Path, image_of: Callable[[st
         for i, row in enumerate(meta.to_dict("records")):
             key = row["key"]
             record = {k: _json_value(v) for k, v in row.items()}
-            fh.write(b"".join((
-                *_member(f"{key}.jpg", bytes(images[i] if images is not None else image_of(key))),
-                *_member(f"{key}.txt", row["caption"].encode("utf-8")),
-                *_member(f"{key}.json", json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")),
-            )))
-        end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)  # tarfile's end of archive, padded to a whole record
-        fh.write(end + tarfile.NUL * (-(fh.tell() + len(end)) % tarfile.RECORDSIZE))
+            image = bytes(images[i] if images is not None else image_of(key))
+            fh.write(sample_bytes(key, image, row["caption"], record))
+        fh.write(end_of_archive(fh.tell()))
     return len(meta)
+
+
+def sample_bytes(key: str, image: bytes, caption: str, record: dict, extra: dict[str, bytes] | None = None) -> bytes:
+    """One webdataset sample as tar members: `<key>.jpg`, `<key>.txt`, `<key>.json`, then `<key>.<name>` for each
+    extra member (a release's `recaption.txt`)."""
+    parts = [
+        *_member(f"{key}.jpg", image),
+        *_member(f"{key}.txt", caption.encode("utf-8")),
+        *_member(f"{key}.json", json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")),
+    ]
+    for name, data in (extra or {}).items():
+        parts += _member(f"{key}.{name}", data)
+    return b"".join(parts)
+
+
+def end_of_archive(position: int) -> bytes:
+    """tarfile's end of archive after `position` bytes of members, padded to a whole record."""
+    end = tarfile.NUL * (2 * tarfile.BLOCKSIZE)
+    return end + tarfile.NUL * (-(position + len(end)) % tarfile.RECORDSIZE)

@@ -199,7 +199,9 @@ class _Trail:
 class HttpFetcher:
     """Fetches URLs concurrently and politely, each under one total deadline and one body cap."""
 
-    def __init__(self, config: HttpConfig = HttpConfig()):
+    def __init__(self, config: HttpConfig = HttpConfig(), shared_caches: bool = True):
+        """`shared_caches=False`: DNS answers and robots.txt of this fetcher's own, asked afresh (a release's
+        opt-out re-check must not reuse what a run in the same process read)."""
         self.config = config
         self.guard = AddressGuard(config.block_private, config.allow_networks)
         self._static = config.resolve
@@ -209,7 +211,7 @@ class HttpFetcher:
         # Shared by every fetcher of this process with the same resolution and agent (a worker runs many shards):
         # one DNS lookup per host and dns_ttl_s, one robots.txt per host and robots_ttl_s.
         key = (config.resolve, config.user_agent)
-        self._dns_cache, self._robots = _CACHES.setdefault(key, ({}, {}))
+        self._dns_cache, self._robots = _CACHES.setdefault(key, ({}, {})) if shared_caches else ({}, {})
 
     def fetch_many(self, urls: list[str]) -> list[FetchResult]:
         """Fetch `urls` and return one result each, in order; usable with or without a running event loop."""

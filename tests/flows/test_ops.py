@@ -64,7 +64,8 @@ def common_crawl(tmp_path_factory):
 def test_deploy_creates_the_three_deployments_pools_and_gpu_limit(deployed):
     with _client() as client:
         deployments = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
-        assert {"curate-snapshot/curate-snapshot", "curate-latest/curate-latest", "backfill/backfill"} <= set(
+        assert {"curate-snapshot/curate-snapshot", "curate-latest/curate-latest", "backfill/backfill",
+                "release/release"} <= set(
             deployments)
         latest = deployments["curate-latest/curate-latest"]
         assert [(s.schedule.cron, s.schedule.timezone) for s in latest.schedules] == [("0 6 20 * *", "UTC")]
