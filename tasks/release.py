@@ -9,6 +9,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 from tasks.dedup import CLUSTERS, kmeans
 from tasks.paper import PAPER_STAGE_AFTER, rules_table
 from tasks.paper import SOURCE as PAPER_SOURCE
+from tasks.sites import SiteBlacklist, host_values, normalise_host
 from tasks.write import end_of_archive, sample_bytes
 
 # The URL parquet's columns and types: img2dataset reads `url` and `alt_text` (or `caption`) as strings and saves
@@ -100,18 +102,16 @@ class ExcludeList:
         out = pd.Series([None] * len(frame), index=frame.index, dtype=object)
         if not self or frame.empty:
             return out
-        by_domain = _hosts(frame, "image_host", "url").map(self._covered) | \
-            _hosts(frame, "page_host", "page_url").map(self._covered)
-        out[by_domain.astype(bool)] = "domain"
+        out[self._sites.mask(host_values(frame, "image_host", "url")) |
+            self._sites.mask(host_values(frame, "page_host", "page_url"))] = "domain"
         out[frame["url"].isin(self.urls)] = "url"
         out[frame["sha256"].str.lower().isin(self.sha256)] = "sha256"
         return out
 
-    def _covered(self, host: str | None) -> bool:
-        if not host:
-            return False
-        labels = host.split(".")
-        return any(".".join(labels[i:]) in self.domains for i in range(len(labels)))
+    @cached_property
+    def _sites(self) -> SiteBlacklist:
+        """The domains as the source stage's matcher (a host or one of its parent domains), `www.` kept."""
+        return SiteBlacklist(self.domains, strip_www=False)
 
 
 def _has_scheme(line: str) -> bool:
@@ -128,13 +128,6 @@ def _domain(text: str) -> str | None:
     if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels):
         return None
     return name
-
-
-def _hosts(frame: pd.DataFrame, column: str, url_column: str) -> pd.Series:
-    """A host column lower-cased, parsed from the URL column where the frame lacks it."""
-    if column in frame.columns:
-        return frame[column].astype(object).map(lambda h: h.lower().rstrip(".") if isinstance(h, str) else None)
-    return frame[url_column].map(lambda u: (urlsplit(u).hostname or None) if isinstance(u, str) else None)
 
 
 def release_rows(frame: pd.DataFrame, recaptions: pd.DataFrame | None) -> pa.Table:
@@ -284,7 +277,7 @@ class ReleaseStats:
 
     def add(self, kept: pd.DataFrame) -> None:
         self.rows += len(kept)
-        self.image_hosts.update(_hosts(kept, "image_host", "url").dropna())
+        self.image_hosts.update(h for h in host_values(kept, "image_host", "url").map(normalise_host) if h)
         self.caption_chars.update(kept["caption"].str.len())
         if "recaption" in kept.columns:
             self.recaptioned += int(kept["recaption"].fillna("").astype(bool).sum())

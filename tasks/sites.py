@@ -45,11 +45,21 @@ def normalise_domain(entry: str) -> str:
     return domain.removeprefix("www.")
 
 
-class SiteBlacklist:
-    """Listed domains; a host is listed when it or one of its parent domains is."""
+def host_values(frame: pd.DataFrame, host_column: str, url_column: str) -> pd.Series:
+    """The host column, else the URL column (the matchers reduce a URL to its host); else no hosts."""
+    for column in (host_column, url_column):
+        if column in frame.columns:
+            return frame[column]
+    return pd.Series("", index=frame.index, dtype="str")
 
-    def __init__(self, domains: Iterable[str]) -> None:
-        self.domains = frozenset(d for d in map(normalise_domain, domains) if d)
+
+class SiteBlacklist:
+    """Listed domains; a host is listed when it or one of its parent domains is. `strip_www=False` keeps a listed
+    `www.` (a takedown list names exactly the domain it means)."""
+
+    def __init__(self, domains: Iterable[str], strip_www: bool = True) -> None:
+        clean = normalise_domain if strip_www else (lambda d: normalise_host(d.removeprefix("*.")))
+        self.domains = frozenset(d for d in map(clean, domains) if d)
         self.fingerprint = hashlib.sha256("\n".join(sorted(self.domains)).encode()).hexdigest()[:16]
 
     @classmethod

@@ -14,7 +14,7 @@ import pandas as pd
 
 from schemas.reasons import REASONS
 from tasks.lexicon import Lexicon
-from tasks.sites import SiteBlacklist
+from tasks.sites import SiteBlacklist, host_values
 from tasks.text import is_mostly_chinese
 
 if TYPE_CHECKING:
@@ -110,7 +110,8 @@ def select_sources(frame: pd.DataFrame, config: SourceConfig = SourceConfig(), l
     words[chinese] = norm[chinese].map(count_words).astype("int64")
     out["word_count"] = words
     nsfw = _nsfw(norm, chinese, config, lists.keywords, classifier)
-    listed = lists.sites.mask(_hosts(out, "page_host", "page_url")) | lists.sites.mask(_hosts(out, "image_host", "url"))
+    listed = lists.sites.mask(host_values(out, "page_host", "page_url")) | \
+        lists.sites.mask(host_values(out, "image_host", "url"))
     bad_len = (words < config.min_words) | (words > config.max_words)
     reason = pd.Series(pd.NA, index=out.index, dtype="str")
     # Assigned last rule first, so each row ends with the first rule it fails.
@@ -130,14 +131,6 @@ def _nsfw(norm: pd.Series, chinese: pd.Series, config: SourceConfig, keywords: L
         scores = classifier.unsafe_scores(norm[ask].tolist(), config.text_nsfw_labels)
         hit[ask] = scores >= config.text_nsfw_threshold
     return hit
-
-
-def _hosts(frame: pd.DataFrame, host_column: str, url_column: str) -> pd.Series:
-    """The host column, else the URL column (the blacklist reduces a URL to its host); else no hosts."""
-    for column in (host_column, url_column):
-        if column in frame.columns:
-            return frame[column]
-    return pd.Series("", index=frame.index, dtype="str")
 
 
 HIST_MAX = 100  # caption word-count histogram: the last bin holds this many words or more
