@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flows.pipeline import STEPS, built_rules
 from schemas.reasons import STAGES, stage_reasons
-from tasks.paper import PAPER_STAGE_AFTER, rules_table
+from tasks.paper import PAPER_STAGE_AFTER, rules_table, stages_table
 from tasks.paper import SOURCE as PAPER_SOURCE
 
 # Which shard steps count toward each reported stage, in pipeline order (STEPS says which stage each feeds).
@@ -148,7 +148,6 @@ PLOTS = {"funnel": "funnel", "caption_words": "caption words", "similarity": "si
 
 def render_markdown(report: dict, plots: tuple[str, ...] = tuple(PLOTS)) -> str:
     by = {s["stage"]: s for s in report["stages"]}
-    raw = by["extract"]["kept"] or 1
     lines = [f"# Funnel report: run `{report['run_id']}`", ""]
     lines.append(f"Pages read {by['extract'].get('pages_total', 0)}, taken as Chinese "
                  f"{by['extract'].get('pages_selected', 0)}, not Chinese {by['extract'].get('pages_not_chinese', 0)} "
@@ -160,12 +159,7 @@ def render_markdown(report: dict, plots: tuple[str, ...] = tuple(PLOTS)) -> str:
         lines += ["", f"**Placeholder model** in {', '.join(ph)}: those results exercise the code and judge nothing."]
         if "refine" in ph:
             lines.append("In refine only the [UNK] rule's tokenizer is a placeholder; the other text rules are real.")
-    lines += ["", "## Stages", "", "| stage | in | kept | kept % of raw pairs | paper after | paper % of raw |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for s in report["stages"]:
-        paper = PAPER_STAGE_AFTER[s["stage"]]
-        lines.append(f"| {s['stage']} | {s['in']} | {s['kept']} | {100 * s['kept'] / raw:.1f} | {paper:,} | "
-                     f"{100 * paper / PAPER_STAGE_AFTER['extract']:.1f} |")
+    lines += ["", "## Stages", "", *stages_table(report["stages"])]
     lines += ["", "## Rules beside the paper's Table 6", "", *rules_table(report["stages"])]
     thr = by["refine"].get("thresholds")
     if thr:

@@ -41,6 +41,19 @@ def paper_removal(reason: str) -> float:
     raise KeyError(f"{reason} has no row in {SOURCE}")
 
 
+def stages_table(stages: list[dict]) -> list[str]:
+    """A report's stages beside the paper's counts, as markdown table lines: in, kept, and kept as a share of the
+    raw pairs (the extract stage's kept), each beside the paper's count after the stage and its share."""
+    raw = stages[0]["kept"] or 1
+    lines = ["| stage | in | kept | kept % of raw pairs | paper after | paper % of raw |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s in stages:
+        paper = PAPER_STAGE_AFTER[s["stage"]]
+        lines.append(f"| {s['stage']} | {s['in']} | {s['kept']} | {100 * s['kept'] / raw:.1f} | {paper:,} | "
+                     f"{100 * paper / PAPER_STAGE_AFTER['extract']:.1f} |")
+    return lines
+
+
 def rules_table(stages: list[dict]) -> list[str]:
     """A report's per-rule removals beside the paper's, as markdown table lines: one row per paper step, our
     removed count and share of the step's input (rules that did not run say so)."""

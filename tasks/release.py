@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.dedup import CLUSTERS, kmeans
-from tasks.paper import PAPER_STAGE_AFTER, rules_table
 from tasks.paper import SOURCE as PAPER_SOURCE
+from tasks.paper import rules_table, stages_table
 from tasks.sites import SiteBlacklist, host_values, normalise_host
 from tasks.write import end_of_archive, sample_bytes
 
@@ -378,12 +378,7 @@ def render_card(card: CardInput, config: ReleaseConfig) -> str:
 def _funnel_lines(funnel: dict, stats: ReleaseStats, excludes: ExcludeList, recheck: bool) -> list[str]:
     stages = funnel["stages"]
     raw = stages[0]["kept"] or 1
-    lines = ["", f"## Funnel beside {PAPER_SOURCE}", "", "| stage | in | kept | kept % of raw | paper after | "
-             "paper % of raw |", "|---|---:|---:|---:|---:|---:|"]
-    for s in stages:
-        paper = PAPER_STAGE_AFTER[s["stage"]]
-        lines.append(f"| {s['stage']} | {s['in']} | {s['kept']} | {100 * s['kept'] / raw:.1f} | {paper:,} | "
-                     f"{100 * paper / PAPER_STAGE_AFTER['extract']:.1f} |")
+    lines = ["", f"## Funnel beside {PAPER_SOURCE}", "", *stages_table(stages)]
     excluded = sum(stats.excluded.values())
     lines.append(f"| release | {stats.rows + excluded} | {stats.rows} | {100 * stats.rows / raw:.1f} | - | - |")
     lines += ["", "Per rule:", "", *rules_table(stages), "", "Left out at release (takedown and opt-out):", "",
