@@ -140,9 +140,9 @@ def recheck_opt_out(urls: list[str], fetcher: HttpFetcher) -> list[str | None]:
 
 
 def _release_shard(unit: Unit, meta: Path, excludes: ExcludeList, fetcher: HttpFetcher | None,
-                   parquet: ParquetShards, tars: TarShards, stats: ReleaseStats, left_out: set) -> None:
+                   parquet: ParquetShards, tars: TarShards, stats: ReleaseStats, left_out: set) -> list[str]:
     """One dataset shard of a unit into the release: its rows less the excluded ones (added to `left_out` as
-    (LanceDB run id, key)), parquet and images."""
+    (LanceDB run id, key)), parquet and images. Returns the shard's snapshots (of every row, left out or not)."""
     frame = pd.read_parquet(meta)
     kinds = excludes.kinds(frame)
     if fetcher is not None:
@@ -165,6 +165,7 @@ def _release_shard(unit: Unit, meta: Path, excludes: ExcludeList, fetcher: HttpF
     if written != len(kept):
         raise RuntimeError(f"{meta.with_suffix('.tar')}: {written} of its {len(kept)} released rows have a sample")
     stats.add(kept.assign(recaption=list(recaption.values())))
+    return [str(x) for x in frame["snapshot"].dropna().unique()]
 
 
 def release_clusters(units: list[Unit], left_out: set, rows: int) -> dict[str, list[int]]:
@@ -222,13 +223,16 @@ def release(params: ReleaseParams) -> dict:
     tars = TarShards(tmp / "images", cfg.tar_max_bytes)
     fetcher = HttpFetcher(http, shared_caches=False) if params.recheck_opt_out else None
     stats, left_out = ReleaseStats(), set()
+    snapshots: dict[str, list[str]] = {}  # run id -> its snapshots, in the order its rows come
     for unit in units:
         for meta in sorted((unit.dir / "dataset").glob("*.parquet")):
-            _release_shard(unit, meta, excludes, fetcher, parquet, tars, stats, left_out)
+            seen = snapshots.setdefault(unit.run_id, [])
+            seen += [x for x in _release_shard(unit, meta, excludes, fetcher, parquet, tars, stats, left_out)
+                     if x not in seen]
     files = {"data": [p.name for p in parquet.finish()], "images": [p.name for p in tars.finish()]}
     clusters = release_clusters(units, left_out, stats.rows)
     funnel = merge_reports(dest.name, [(i, str(u.dir), u.report) for i, u in enumerate(units)])
-    card = CardInput(funnel=funnel, runs=_runs(units), reports=[u.report for u in units], stats=stats,
+    card = CardInput(funnel=funnel, runs=_runs(units, snapshots), reports=[u.report for u in units], stats=stats,
                      excludes=excludes, recheck=params.recheck_opt_out,
                      mixed_models=models if len(models) > 1 else [], plots=_plots(stats, clusters, tmp))
     (tmp / "README.md").write_text(render_card(card, cfg))
@@ -241,16 +245,13 @@ def release(params: ReleaseParams) -> dict:
     return {**summary, "dir": str(dest)}
 
 
-def _runs(units: list[Unit]) -> list[dict]:
+def _runs(units: list[Unit], snapshots: dict[str, list[str]]) -> list[dict]:
     runs: dict[str, dict] = {}
     for u in units:
-        r = runs.setdefault(u.run_id, {"run_id": u.run_id, "snapshots": [], "units": 0, "samples": 0})
+        r = runs.setdefault(u.run_id, {"run_id": u.run_id, "snapshots": snapshots.get(u.run_id, []), "units": 0,
+                                       "samples": 0})
         r["units"] += 1
         r["samples"] += u.report["samples"]
-        for meta in sorted((u.dir / "dataset").glob("*.parquet")):
-            for snap in pd.read_parquet(meta, columns=["snapshot"])["snapshot"].dropna().unique():
-                if snap not in r["snapshots"]:
-                    r["snapshots"].append(str(snap))
     return list(runs.values())
 
 
