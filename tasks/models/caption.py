@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tasks.models.classify import _cached
+from tasks.models.classify import _cached, model_config, pretrained
 from tasks.models.embedding import to_rgb
-from tasks.models.load import location, model_dtype, revision, to_device
+from tasks.models.load import model_dtype, revision, to_device
 from tasks.models.resolve import ModelLoadError, ResolvedModel
 
 if TYPE_CHECKING:
@@ -17,17 +17,12 @@ if TYPE_CHECKING:
 def check_captioner(resolved: ResolvedModel) -> None:
     """Before any work, from the config alone: a model transformers loads as image-text-to-text (LLaVA,
     PaliGemma, Qwen2.5-VL, GLM-4.1V, ...); a dual encoder or a classifier is refused with the reason."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     if resolved.placeholder:
         raise ModelLoadError("the recaption role has no placeholder: name an image-text-to-text model, or leave "
                              "--recaption-model out to skip the step")
-    where, local_only = location(resolved)
-    try:
-        config = AutoConfig.from_pretrained(where, local_files_only=local_only)
-    except Exception as error:
-        raise ModelLoadError(f"cannot load the config of {resolved.name!r}: {type(error).__name__}: {error}") from error
+    config = model_config(resolved)
     if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         raise ModelLoadError(
             f"model {resolved.name!r} (type {config.model_type!r}, architectures "
@@ -80,15 +75,9 @@ def load_captioner(resolved: ResolvedModel, device: str | None = None) -> Captio
 def _load(resolved: ResolvedModel, device: str) -> Captioner:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    where, local_only = location(resolved)
     dtype = model_dtype(device)
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(where, dtype=dtype, local_files_only=local_only)
-        processor = AutoProcessor.from_pretrained(where, backend="pil", local_files_only=local_only)
-    except Exception as error:
-        raise ModelLoadError(
-            f"cannot load recaption model {resolved.name!r} from {where}: {type(error).__name__}: {error}"
-        ) from error
+    model, processor, where, local_only = pretrained(resolved, "recaption model", AutoModelForImageTextToText,
+                                                     AutoProcessor, {"dtype": dtype}, {"backend": "pil"})
     processor.tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
     identity = {"name": resolved.name, "revision": revision(where, resolved.source, local_only)}
     return Captioner(model.to(device).eval(), processor, device, dtype, identity)

@@ -101,7 +101,7 @@ def load_image_classifier(resolved: ResolvedModel, device: str | None = None) ->
 
 def check_text_classifier(resolved: ResolvedModel, unsafe: Sequence[str]) -> None:
     """Before any work, from the config alone: a sequence classifier whose labels include an ``unsafe`` one."""
-    label_ids_of("text", resolved.name, _labels(_config(resolved)), unsafe, TEXT_LABELS_SETTING)
+    label_ids_of("text", resolved.name, _labels(model_config(resolved)), unsafe, TEXT_LABELS_SETTING)
 
 
 def check_image_classifier(resolved: ResolvedModel, unsafe: Sequence[str]) -> None:
@@ -116,7 +116,7 @@ def check_image_classifier(resolved: ResolvedModel, unsafe: Sequence[str]) -> No
         return
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-    config = _config(resolved)
+    config = model_config(resolved)
     architectures = getattr(config, "architectures", None) or []
     if config.model_type not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES or (
         architectures and not any(a.endswith("ForImageClassification") for a in architectures)
@@ -160,7 +160,8 @@ def _labels(config) -> tuple[str, ...]:
     return tuple(str(config.id2label[i]) for i in range(config.num_labels))
 
 
-def _config(resolved: ResolvedModel):
+def model_config(resolved: ResolvedModel):
+    """The model's transformers config (no weights read); unreadable, a ModelLoadError."""
     from transformers import AutoConfig
 
     where, local_only = location(resolved)
@@ -183,34 +184,37 @@ def _cached(kind: str, resolved: ResolvedModel, device: str | None, load: Callab
         return _CLASSIFIERS[key]
 
 
+def pretrained(resolved: ResolvedModel, what: str, model_cls, processor_cls, model_kw: dict | None = None,
+               processor_kw: dict | None = None) -> tuple[Any, Any, str, bool]:
+    """(model, processor, where, local_only): both `from_pretrained` at the resolved location; any failure is one
+    ModelLoadError naming `what` (the role's kind of model), the model and where it was looked for."""
+    where, local_only = location(resolved)
+    try:
+        model = model_cls.from_pretrained(where, local_files_only=local_only, **(model_kw or {}))
+        processor = processor_cls.from_pretrained(where, local_files_only=local_only, **(processor_kw or {}))
+    except Exception as error:
+        raise ModelLoadError(
+            f"cannot load {what} {resolved.name!r} from {where}: {type(error).__name__}: {error}"
+        ) from error
+    return model, processor, where, local_only
+
+
 def _load_text(resolved: ResolvedModel, device: str) -> TextClassifier:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    where, local_only = location(resolved)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(where, local_files_only=local_only)
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
-    except Exception as error:
-        raise ModelLoadError(
-            f"cannot load text classifier {resolved.name!r} from {where}: {type(error).__name__}: {error}"
-        ) from error
+    model, tokenizer, _, _ = pretrained(resolved, "text classifier", AutoModelForSequenceClassification,
+                                        AutoTokenizer)
     return TextClassifier(model.to(device).eval(), tokenizer, device, resolved.name)
 
 
 def _load_image(resolved: ResolvedModel, device: str) -> ImageClassifier:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    where, local_only = location(resolved)
     dtype = model_dtype(device)
-    if _config(resolved).model_type == TIMM_WRAPPER:
+    if model_config(resolved).model_type == TIMM_WRAPPER:
         check_timm(resolved.name)
-    try:
-        model = AutoModelForImageClassification.from_pretrained(where, dtype=dtype, local_files_only=local_only)
-        # No torchvision here: the PIL image processor, as for the embedding models.
-        processor = AutoImageProcessor.from_pretrained(where, backend="pil", local_files_only=local_only)
-    except Exception as error:
-        raise ModelLoadError(
-            f"cannot load image classifier {resolved.name!r} from {where}: {type(error).__name__}: {error}"
-        ) from error
+    # No torchvision here: the PIL image processor, as for the embedding models.
+    model, processor, where, local_only = pretrained(resolved, "image classifier", AutoModelForImageClassification,
+                                                     AutoImageProcessor, {"dtype": dtype}, {"backend": "pil"})
     identity = {"name": resolved.name, "revision": revision(where, resolved.source, local_only)}
     return ImageClassifier(model.to(device).eval(), processor, device, dtype, identity)
