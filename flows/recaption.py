@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -70,10 +72,7 @@ def summary(ctx: RunContext, markers: list[Marker]) -> dict:
     model = ctx.models.get("recaption")
     if model is None:
         return dict(RECAPTION_OFF)
-    kinds: dict[str, int] = {}
-    for m in markers:
-        for kind, n in m.extra.get("error_kinds", {}).items():
-            kinds[kind] = kinds.get(kind, 0) + n
+    kinds = dict(sum((Counter(m.extra.get("error_kinds") or {}) for m in markers), Counter()))
     return {"ran": True, **_asked(model, ctx.cfg("recaption")), "rows": sum(m.extra.get("rows", 0) for m in markers),
             "errors": sum(kinds.values()), "error_kinds": kinds, "shards": len(markers),
             "oom_retries": sum(m.extra.get("oom_retries", 0) for m in markers), "folder": FOLDER}

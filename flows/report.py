@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -401,10 +402,7 @@ def merge_recaptions(entries: list[dict]) -> dict:
     ran = [e for e in entries if e["ran"]]
     if not ran:
         return dict(RECAPTION_OFF)
-    kinds: dict[str, int] = {}
-    for e in ran:
-        for kind, n in (e.get("error_kinds") or {}).items():
-            kinds[kind] = kinds.get(kind, 0) + n
+    kinds = dict(sum((Counter(e.get("error_kinds") or {}) for e in ran), Counter()))
     counters = {k: sum(e.get(k) or 0 for e in ran) for k in ("rows", "errors", "shards", "oom_retries")}
     return {**ran[0], **counters, "error_kinds": kinds, "batches_recaptioned": len(ran)}
 

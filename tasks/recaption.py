@@ -7,6 +7,7 @@ A row whose caption cannot be generated stays in the dataset: its recaption is "
 from __future__ import annotations
 
 import io
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -82,10 +83,7 @@ def recaption_rows(keys: Sequence[str], image_of: Callable[[str], bytes],
                 texts[i], errors[i] = (text, None) if text else ("", EMPTY)
     frame = pd.DataFrame({"key": pd.Series(list(keys), dtype="str"), "recaption": pd.Series(texts, dtype="str"),
                           "recaption_error": pd.Series(errors, dtype="str")})  # None: missing (null in parquet)
-    kinds: dict[str, int] = {}
-    for e in errors:
-        if e is not None:
-            kinds[e.split(":", 1)[0]] = kinds.get(e.split(":", 1)[0], 0) + 1
+    kinds = dict(Counter(e.split(":", 1)[0] for e in errors if e is not None))
     return frame, {"rows": n, "errors": sum(kinds.values()), "error_kinds": kinds, **counts}
 
 
