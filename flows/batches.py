@@ -121,24 +121,22 @@ class _Order:
                                   "re-run the same command to resume both")
 
 
-# Batch run id -> the wait for its turn to commit, and the call saying it has committed, for the batches a parent
-# runs in this process.
-_TURNS: dict[str, Callable[[], None]] = {}
-_COMMITTED: dict[str, Callable[[], None]] = {}
+# Batch run id -> its place in the commit order (the order, its index), for the batches a parent runs in this process.
+_TURNS: dict[str, tuple[_Order, int]] = {}
 
 
 def has_committed(run_id: str) -> None:
     """Called by a batch once its commit is done: the next batch may commit while this one recaptions."""
-    done = _COMMITTED.get(run_id)
-    if done is not None:
-        done()
+    if run_id in _TURNS:
+        order, k = _TURNS[run_id]
+        order.finish(k, True)
 
 
 def wait_turn(run_id: str) -> None:
     """Called by a batch before its cross-batch search: returns once the batches before it have committed."""
-    turn = _TURNS.get(run_id)
-    if turn is not None:
-        turn()
+    if run_id in _TURNS:
+        order, k = _TURNS[run_id]
+        order.wait_turn(k)
 
 
 def run_in_process(plan: list[Batch], done: set[int], run_id: str, parallel: int,
@@ -152,8 +150,7 @@ def run_in_process(plan: list[Batch], done: set[int], run_id: str, parallel: int
     outcome: dict[int, dict | BaseException] = {}
 
     def one(batch: Batch):
-        _TURNS[batch_run_id(run_id, batch.index)] = lambda: order.wait_turn(batch.index)
-        _COMMITTED[batch_run_id(run_id, batch.index)] = lambda: order.finish(batch.index, True)
+        _TURNS[batch_run_id(run_id, batch.index)] = (order, batch.index)
         try:
             outcome[batch.index] = run_batch(batch)
             order.finish(batch.index, True)
@@ -162,7 +159,6 @@ def run_in_process(plan: list[Batch], done: set[int], run_id: str, parallel: int
             order.finish(batch.index, False)
         finally:
             _TURNS.pop(batch_run_id(run_id, batch.index), None)
-            _COMMITTED.pop(batch_run_id(run_id, batch.index), None)
 
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="batch") as pool:
         # each thread runs its flow in a copy of this context: the batches are child runs of this flow run
