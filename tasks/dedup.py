@@ -587,8 +587,9 @@ def jsonable(obj):
 #   sample  (per chunk of whole shards)  the rows of one random sample of the batch;
 #   train   (once)                        coarse cells (spherical k-means, centred) and the report's clusters;
 #   assign  (per chunk)                   exact copies collapsed; each other row to its `spill` nearest cells;
-#   search  (per cell)                    the matrix-product search (exact, or IVF above exact_max_rows) inside
-#                                         the cell; a pair is kept by the first cell both rows share, so once;
+#   search  (per cell)                    the matrix-product search (exact, or IVF above exact_max_rows) from the
+#                                         rows the cell owns against all its rows; a pair is kept once, by the
+#                                         first of the two rows' own cells that holds both;
 #   group   (once)                        union-find over the edges alone (rows in no edge are singletons);
 #   shuffle (per chunk)                   each grouped row's vector to its group's bucket (copies as a weight);
 #   keepers (per bucket)                  the member nearest its group's mean, lowest row on a tie;
