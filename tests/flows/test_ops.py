@@ -61,7 +61,7 @@ def common_crawl(tmp_path_factory):
         yield server
 
 
-def test_deploy_creates_the_three_deployments_pools_and_gpu_limit(deployed):
+def test_deploy_creates_the_four_deployments_pools_and_gpu_limit(deployed):
     with _client() as client:
         deployments = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
         assert {"curate-snapshot/curate-snapshot", "curate-latest/curate-latest", "backfill/backfill",
@@ -199,7 +199,7 @@ def test_danqing_up_brings_the_stack_up_and_sigterm_leaves_nothing(tmp_path):
         assert _get(f"{api}/health") is True
         names = {d["name"] for d in json.loads(urllib.request.urlopen(urllib.request.Request(
             f"{api}/deployments/filter", data=b"{}", headers={"Content-Type": "application/json"})).read())}
-        assert names == {"curate-snapshot", "curate-latest", "backfill"}
+        assert names == {"curate-snapshot", "curate-latest", "backfill", "release"}
         pools = {p["name"] for p in json.loads(urllib.request.urlopen(urllib.request.Request(
             f"{api}/work_pools/filter", data=b"{}", headers={"Content-Type": "application/json"})).read())}
         assert pools >= {"danqing-cpu", "danqing-gpu"}
