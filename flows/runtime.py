@@ -219,6 +219,8 @@ def task_runner(address: str | None, spec: LocalClusterSpec | None = None, work_
         "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": spec.malloc_trim_threshold,
         # the statistical profiler samples every thread's stack every 10 ms: ~5% of a CPU-bound task
         "distributed.worker.profile.enabled": spec.profile,
+        # the scheduler's and the workers' (each Nanny hands its config to its worker) recent messages and logs
+        "distributed.admin.low-level-log-length": spec.debug_log_length,
     })
     kwargs = {
         "n_workers": spec.n_workers, "threads_per_worker": spec.threads_per_worker,

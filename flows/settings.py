@@ -85,6 +85,10 @@ class LocalClusterSpec(BaseModel):
     # glibc's adaptive mmap threshold and costs ~25% on image decoding (bench/overhead.py). None: unset.
     malloc_trim_threshold: int | None = None
     profile: bool = False  # Dask's statistical profiler (dashboard "Profile" tab); costs ~5% on CPU-bound tasks
+    # Dask's developer logs (each comm's recent messages, the transition and stimulus logs) keep this many entries
+    # each; a compute-task message holds the task's arguments, so at Dask's 1000 they held ~35 MB in the flow
+    # process and filled only after ~25 small batches: the run's memory grew batch by batch (bench/scale.py)
+    debug_log_length: int = Field(50, ge=0)
 
 
 class CurateParams(BaseModel):

@@ -59,3 +59,26 @@ def test_a_cluster_that_cannot_start_is_one_error_that_says_to_re_run():
         killer.stop.set()
     assert len(killer.killed) == 2
     assert "\n" not in str(err.value)  # one line, whatever Dask's own message held
+
+
+def test_the_dask_developer_logs_keep_only_debug_log_length_entries():
+    """A compute-task message holds the task's arguments: Dask's default 1000 per log kept ~35 MB in the flow
+    process, so the spec bounds the scheduler's and each worker's logs (bench/scale.py measures the run's RSS)."""
+    import copy
+
+    import dask
+
+    from flows.settings import LocalClusterSpec
+
+    before = copy.deepcopy(dask.config.config)
+    try:
+        runtime.task_runner(None, LocalClusterSpec(debug_log_length=5))
+        with runtime.local_cluster(attempts=1, **CLUSTER) as cluster, cluster.get_client() as client:
+            assert client.gather(client.map(lambda x: x + 1, range(40))) == list(range(1, 41))
+            scheduler = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.transition_log))
+            workers = client.run(lambda dask_worker: len(dask_worker.state.stimulus_log))
+    finally:
+        dask.config.config.clear()
+        dask.config.config.update(before)
+    assert scheduler == 5
+    assert list(workers.values()) == [5]
