@@ -187,17 +187,17 @@ def _curate(params: CurateParams, warcs: list[str], progress: bool) -> dict:
     log.info("run %s: %d WARC file(s) -> %s", ctx.run_id, len(warcs), ctx.run_dir)
     with _progress(progress) as bar:
         batch = _submit(ctx, params, warcs)
-        results = {step: _drain(bar, step, futures) for step, futures in batch.steps.items()}
+        results = batch.results(bar)
         reduces = {name: fut.result() for name, fut in batch.reduces.items() if fut is not None}
         # Cross-batch dedup, the dataset and the commit run one output root at a time, in commit order.
         wait_for_runs(params.commit_after, require_completed=params.batch is not None)
         batches.wait_turn(ctx.run_id)
         with commit_lock(ctx.lancedb):
-            search, checked, written, committed = _submit_commit(ctx, batch, reduces["lancedb"])
-            results["crossbatch"] = _drain(bar, "crossbatch", checked)
+            submitted = len(batch.chains)
+            search, committed = _submit_commit(ctx, batch, reduces["lancedb"])
             reduces["crossbatch"] = search.result()
-            publish = prepare_report(ctx, results, reduces)  # rendered while the dataset shards are written
-            results["write"] = _drain(bar, "write", written)
+            results.update(batch.results(bar, submitted))
+            publish = prepare_report(ctx, results, reduces)  # rendered while the commit runs
             committed.result()
         # After the commit, outside the lock: the next run commits while this one recaptions its committed rows.
         batches.has_committed(ctx.run_id)
@@ -311,45 +311,60 @@ class _Batch:
     """The futures of the submit phase: every shard step up to align, and the reduces between them."""
 
     ids: list[str]
-    steps: dict[str, list] = field(default_factory=dict)  # step -> one future per shard, in pipeline order
+    chains: list[tuple[tuple[str, ...], list]] = field(default_factory=list)  # steps, one future per shard
     reduces: dict[str, Any] = field(default_factory=dict)  # reduce name -> future (None: not run)
+
+    def chain(self, ctx: RunContext, names: list[str], upstream: list, **extras) -> list:
+        """`names` as one task run per shard (steps.chain), each after its shard's `upstream`; `extras[step]`
+        are that step's further arguments (reduce futures)."""
+        run = steps.chain(tuple(names))
+        futures = [run.submit(ctx, shard, u, tuple(names), extras) for shard, u in zip(self.ids, upstream, strict=True)]
+        self.chains.append((tuple(names), futures))
+        return futures
+
+    def results(self, bar, start: int = 0) -> dict[str, list]:
+        """step -> its markers in shard order, from the chains from `start` on, advancing the progress bar."""
+        return {name: steps.of_step(markers, name) for names, futures in self.chains[start:]
+                for markers in [_drain(bar, "+".join(names), futures)] for name in names}
 
 
 def _submit(ctx: RunContext, params: CurateParams, warcs: list[str]) -> _Batch:
-    """Submit phase: stages 1-3, the in-batch reduces and align, nothing waited for."""
+    """Submit phase: stages 1-3, the in-batch reduces and align, nothing waited for. Steps run as chains, one
+    task run per shard each, broken only where a reduce reads the step before it or (embed) a GPU places it."""
     b = _Batch(shard_ids(warcs))
-    s, r = b.steps, b.reduces
-
-    def per_shard(step_task, upstream: list, *extra) -> list:
-        return [step_task.submit(ctx, shard, u, *extra) for shard, u in zip(b.ids, upstream, strict=True)]
-
+    r = b.reduces
     r["cc_index"] = steps.cc_index.submit(ctx, params.snapshot, warcs) if params.select == "index" else None
-    s["extract"] = per_shard(steps.extract, warcs, r["cc_index"])
     replay_from = params.replay_from if params.fetcher == "replay" else None
-    r["replay_index"] = steps.replay_index.submit(ctx, s["extract"], warcs, replay_from) if replay_from is not None \
-        else None
-    s["source"] = per_shard(steps.source, s["extract"])
-    s["fetch"] = per_shard(steps.fetch, s["source"], r["replay_index"])
-    # the entropy rule's p(w) counted over this run's captions
-    r["word_counts"] = steps.word_counts.submit(ctx, s["fetch"]) if ctx.cfg("refine").entropy_corpus == "run" else None
-    s["refine"] = per_shard(steps.refine, s["fetch"], r["word_counts"])
-    s["image"] = per_shard(steps.image, s["refine"])
+    # the entropy rule's p(w) counted over this run's captions: a reduce between fetch and refine
+    counted = ctx.cfg("refine").entropy_corpus == "run"
+    upstream, head = warcs, ["extract"]
+    r["replay_index"] = None
+    if replay_from is not None:  # the replay fetcher's URL index, read from every shard's extract step
+        upstream, head = b.chain(ctx, head, warcs, extract=(r["cc_index"],)), []
+        r["replay_index"] = steps.replay_index.submit(ctx, upstream, warcs, replay_from)
+    upstream = b.chain(ctx, [*head, "source", "fetch", *([] if counted else ["refine", "image"])], upstream,
+                       extract=(r["cc_index"],), fetch=(r["replay_index"],))
+    r["word_counts"] = steps.word_counts.submit(ctx, upstream) if counted else None
+    if counted:
+        upstream = b.chain(ctx, ["refine", "image"], upstream, refine=(r["word_counts"],))
     with _gpu_placement(params.gpu_resource):
-        s["embed"] = per_shard(steps.embed, s["image"])
-    r["lancedb"] = steps.load_lancedb.submit(ctx, s["embed"])
-    r["dedup"] = steps.dedup.submit(ctx, s["embed"])
-    s["diversify"] = per_shard(steps.diversify, s["embed"], r["dedup"])
-    r["align_band"] = steps.fit_align_band.submit(ctx, s["diversify"])
-    s["align"] = per_shard(steps.align, s["diversify"], r["align_band"])
+        embeds = b.chain(ctx, ["embed"], upstream)
+    r["lancedb"] = steps.load_lancedb.submit(ctx, embeds)
+    r["dedup"] = steps.dedup.submit(ctx, embeds)
+    diversified = b.chain(ctx, ["diversify"], embeds, diversify=(r["dedup"],))
+    r["align_band"] = steps.fit_align_band.submit(ctx, diversified)
+    b.chain(ctx, ["align"], diversified, align=(r["align_band"],))
     return b
 
 
 def _submit_commit(ctx: RunContext, b: _Batch, loaded):
-    """Commit phase, under the output root's commit lock: the cross-batch search, the dataset and the commit."""
-    search = steps.crossbatch_search.submit(ctx, b.steps["align"], b.steps["embed"], loaded)
-    checked = [steps.crossbatch.submit(ctx, s, u, search) for s, u in zip(b.ids, b.steps["align"], strict=True)]
-    written = [steps.write.submit(ctx, s, u) for s, u in zip(b.ids, checked, strict=True)]
-    return search, checked, written, steps.commit.submit(ctx, written, loaded)
+    """Commit phase, under the output root's commit lock: the cross-batch search, then the dataset (one chain
+    per shard: crossbatch, write) and the commit."""
+    aligns = b.chains[-1][1]
+    embeds = next(futures for names, futures in b.chains if names == ("embed",))
+    search = steps.crossbatch_search.submit(ctx, aligns, embeds, loaded)
+    written = b.chain(ctx, ["crossbatch", "write"], aligns, crossbatch=(search,))
+    return search, steps.commit.submit(ctx, written, loaded)
 
 
 def _recaption(ctx: RunContext, params: CurateParams, written: list, bar) -> list:

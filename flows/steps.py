@@ -1,8 +1,10 @@
-"""Prefect tasks: one per stage per shard (over shard paths), plus the reduce barriers. Each is a thin wrapper:
-the data work is in tasks/, the resume engine in flows/engine.py."""
+"""Prefect tasks: one per stage per shard (over shard paths), run by the flow as chains (one task run per shard
+over the steps no reduce separates), plus the reduce barriers. Each is a thin wrapper: the data work is in
+tasks/, the resume engine in flows/engine.py."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pandas as pd
@@ -125,6 +127,7 @@ def replay_index(ctx: RunContext, extracts: list[Marker], warcs: list[str] | Non
                  run_warcs: list[str] | None = None) -> Marker:
     """Reduce: every response record of every input WARC, by URL (first capture wins). A batch of a batched run
     replays from all the run's WARC files (`run_warcs`, in listing order), as the run unbatched would."""
+    extracts = of_step(extracts, "extract")
     own = dict(zip(warcs or [m.shard for m in extracts], extracts, strict=True))
     run_warcs = run_warcs or []
 
@@ -141,6 +144,7 @@ def replay_index(ctx: RunContext, extracts: list[Marker], warcs: list[str] | Non
 @task(name="word-counts", cache_policy=NO_CACHE)
 def word_counts(ctx: RunContext, fetches: list[Marker]) -> Marker:
     """Reduce: every word of every caption entering refine, counted over the run (refine.entropy_corpus=run)."""
+    fetches = of_step(fetches, "fetch")
     cfg = ctx.cfg("refine")
 
     def build(out: Path) -> dict:
@@ -201,6 +205,7 @@ def embed(ctx: RunContext, shard: str, upstream: Marker) -> Marker:
 @task(name="load-lancedb", cache_policy=NO_CACHE)
 def load_lancedb(ctx: RunContext, embeds: list[Marker]) -> Marker:
     """Reduce, one writer: every shard's vectors into the model's LanceDB table; the ANN index once it is large."""
+    embeds = of_step(embeds, "embed")
     identity = next((m.extra["identity"] for m in embeds if m.extra.get("identity")), None)
     search = ctx.cfg("crossbatch")
 
@@ -223,6 +228,7 @@ def load_lancedb(ctx: RunContext, embeds: list[Marker]) -> Marker:
 def dedup(ctx: RunContext, embeds: list[Marker]) -> Marker:
     """Reduce over the batch (stage 3 redundancy), as partition tasks on the cluster: one groups file per shard
     (each row's group and whether it is kept), and the k-means cluster sizes for the report."""
+    embeds = of_step(embeds, "embed")
     cfg = ctx.cfg("dedup")
 
     def build(out: Path) -> dict:
@@ -259,6 +265,7 @@ def diversify(ctx: RunContext, shard: str, upstream: Marker, groups: Marker) -> 
 @task(name="fit-align-band", cache_policy=NO_CACHE)
 def fit_align_band(ctx: RunContext, diversified: list[Marker]) -> Marker:
     """Reduce: the band over all shards' scores entering align (fitted to the paper's rate unless fixed)."""
+    diversified = of_step(diversified, "diversify")
     import numpy as np
 
     cfg = ctx.cfg("align")
@@ -288,6 +295,7 @@ def crossbatch_search(ctx: RunContext, aligns: list[Marker], embeds: list[Marker
     """Reduce (under the output root's commit lock): this run's survivors against the committed rows of every
     run committed before it, in the model's LanceDB table, as query partitions on the cluster; one matches
     file per shard. Re-computed when that set of runs changes."""
+    aligns, embeds = of_step(aligns, "align"), of_step(embeds, "embed")
     cfg = ctx.cfg("crossbatch")
     radius = ctx.cfg("dedup").threshold  # one redundancy radius, in the batch and across batches
     table_name = loaded.extra["table"]
@@ -338,6 +346,7 @@ def write(ctx: RunContext, shard: str, upstream: Marker) -> Marker:
 def commit(ctx: RunContext, writes: list[Marker], loaded: Marker) -> Marker:
     """Reduce, last, under the commit lock: the written rows become committed in LanceDB and the run takes the
     next place in the commit order. Exactly once: the register is checked before anything is marked."""
+    writes = of_step(writes, "write")
 
     def build(out: Path) -> dict:
         kept = (k for m in writes for k in ctx.column("crossbatch", m.shard, "key"))  # a shard at a time
@@ -346,3 +355,39 @@ def commit(ctx: RunContext, writes: list[Marker], loaded: Marker) -> Marker:
         return result
 
     return run_reduce(ctx, "commit", ".json", [loaded.hash, *[m.hash for m in writes]], build)
+
+
+# The shard steps by name, in pipeline order.
+SHARD_STEPS = {"extract": extract, "source": source, "fetch": fetch, "refine": refine, "image": image,
+               "embed": embed, "diversify": diversify, "align": align, "crossbatch": crossbatch, "write": write}
+
+
+def _run_chain(ctx: RunContext, shard: str, upstream, steps: tuple[str, ...], extras: dict) -> list[Marker]:
+    """Several shard steps back to back on one shard: each takes the previous one's marker (the first takes
+    `upstream`, or the last marker of the chain before it) and `extras[step]` after it."""
+    markers = []
+    for step in steps:
+        upstream = SHARD_STEPS[step].fn(ctx, shard, upstream[-1] if isinstance(upstream, list) else upstream,
+                                        *extras.get(step, ()))
+        markers.append(upstream)
+    return markers
+
+
+@functools.cache
+def chain(steps: tuple[str, ...]):
+    """One Prefect task run per shard over `steps`, which no reduce separates. Prefect's cost is per task run
+    (bench/scale.py: ~0.1 s of a worker's time each on small shards, against ~0.01-0.1 s of work per step), and
+    each step still writes its own marker and files, so a retried or resumed chain redoes only its unfinished
+    steps. It takes its steps' tags (the `gpu` limit), the most retries and the longest delay among them."""
+    parts = [SHARD_STEPS[step] for step in steps]
+    name = "+".join(steps)
+    transient = any(t.retry_condition_fn is retry_transient for t in parts)
+    return task(_run_chain, name=name, task_run_name=name + "-{shard}", cache_policy=NO_CACHE,
+                tags=sorted(set().union(*(t.tags for t in parts))), retries=max(t.retries for t in parts),
+                retry_delay_seconds=max(t.retry_delay_seconds or 0 for t in parts),
+                retry_condition_fn=retry_transient if transient else None)
+
+
+def of_step(results: list, step: str) -> list[Marker]:
+    """Each shard's marker of `step`, from what its chain returned (or the marker itself, a step run alone)."""
+    return [next(m for m in r if m.step == step) if isinstance(r, list) else r for r in results]
