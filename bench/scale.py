@@ -57,6 +57,7 @@ class TreeRss:
         self.peak_mb = 0.0
         self.max_process_mb = 0.0
         self.by_role: dict[str, float] = {}  # role -> the peak of its processes' summed RSS
+        self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, its last CPU seconds read)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(every_s,), daemon=True)
         self._thread.start()
@@ -75,8 +76,10 @@ class TreeRss:
                 try:
                     rss = p.memory_info().rss / 2**20
                     role = _role(p.cmdline(), p is self.root)
+                    cpu = p.cpu_times()
                 except psutil.Error:
                     continue
+                self._cpu[p.pid] = (role, cpu.user + cpu.system)
                 total += rss
                 roles[role] = roles.get(role, 0.0) + rss
                 self.max_process_mb = max(self.max_process_mb, rss)
@@ -88,6 +91,13 @@ class TreeRss:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+    def cpu_s_by_role(self) -> dict[str, float]:
+        """role -> its processes' CPU seconds (user + system) as last sampled: where the run's time went."""
+        out: dict[str, float] = {}
+        for role, seconds in self._cpu.values():
+            out[role] = out.get(role, 0.0) + seconds
+        return {k: round(v, 1) for k, v in sorted(out.items())}
 
 
 def _role(cmdline: list[str], root: bool) -> str:
@@ -124,6 +134,7 @@ def measure(warcs: list[str], out: Path, code: Path, batch: int) -> dict:
     return {"shards": len(warcs), "batch_size": batch, "wall_s": round(wall, 1),
             "tree_rss_mb": round(tree.peak_mb, 1), "max_process_rss_mb": round(tree.max_process_mb, 1),
             "rss_mb_by_role": {k: round(v, 1) for k, v in sorted(tree.by_role.items())},
+            "cpu_s_by_role": tree.cpu_s_by_role(),
             "task_runs": runs, "db_mb": round(db.stat().st_size / 1e6, 2), "samples": child["samples"]}
 
 
@@ -147,6 +158,10 @@ def orchestration(n: int, shard_mb: float, work: Path, code: Path) -> dict:
         "prefect_db_kb_per_task_run": round(1000 * (four["db_mb"] - one["db_mb"])
                                             / max(four["task_runs"] - one["task_runs"], 1), 2),
         "task_runs_per_shard": round((four["task_runs"] - one["task_runs"]) / (3 * n), 2),
+        # the marginal CPU seconds per shard of each kind of process: what the wall per shard is made of
+        "marginal_cpu_s_per_shard_by_role": {
+            role: round((four["cpu_s_by_role"].get(role, 0) - two["cpu_s_by_role"].get(role, 0)) / (2 * n), 3)
+            for role in four["cpu_s_by_role"]},
     }
 
 
