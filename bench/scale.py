@@ -10,7 +10,9 @@ RSS while it runs. Figures:
 - `marginal_s_per_shard`: (wall(4N) - wall(2N)) / 2N, which leaves start-up out;
 - `marginal_growth_ratio`: that over the same for N -> 2N (1.0: the cost per shard does not grow with the run);
 - `tree_rss_mb_per_1k_shards`: the growth of the tree's peak RSS from 2N to 4N, per 1,000 shards;
-- `prefect_db_kb_per_task_run`, `task_runs_per_shard`.
+- `prefect_db_kb_per_task_run`, `task_runs_per_shard`;
+- `marginal_cpu_s_per_shard_by_role`: the same marginal, in CPU seconds of each kind of process (dask, flow,
+  prefect_server): against `marginal_s_per_shard` on 2 cores, how much of the wall is work and how much waiting.
 Reduces: `bench/scale_reduces.py` (in-batch dedup and the cross-batch search and commit at M and 4M rows), when
 present and not `--no-reduces`. The ratios compare sizes of this run with each other: the machine is shared and
 noisy, and only figures taken in the same minutes compare. Last stdout line: one JSON object.
