@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -46,11 +47,32 @@ def cluster_map():
 
         return serial_map
 
-    def on_cluster(fn, items: list) -> list:
+    def gather(fn, items: list) -> list:
         with worker_client() as client:
             return client.gather(client.map(fn, items, pure=False))
 
+    def on_cluster(fn, items: list) -> list:
+        return outside_prefect_run(gather, fn, items)
+
     return on_cluster
+
+
+def outside_prefect_run(fn, *args):
+    """fn(*args) in a copy of this context without Prefect's flow run, task run, asset and transaction.
+
+    The worker's Dask client, made on a task's first worker_client(), starts long-lived tasks on the worker's
+    event loop that copy the calling context, and every task the worker runs after that inherits it. With the
+    calling task run's Prefect transaction in it, each later task run's transaction became that one's child and
+    was kept for the worker's life (bench/scale.py: ~1.4 MB a shard of worker growth)."""
+    from prefect.context import AssetContext, FlowRunContext, TaskRunContext
+    from prefect.transactions import Transaction
+
+    def run():
+        for var in (FlowRunContext.__var__, TaskRunContext.__var__, AssetContext.__var__, Transaction.__var__):
+            var.set(None)
+        return fn(*args)
+
+    return contextvars.copy_context().run(run)
 
 
 def free_port() -> int:

@@ -82,3 +82,39 @@ def test_the_dask_developer_logs_keep_only_debug_log_length_entries():
         dask.config.config.update(before)
     assert scheduler == 5
     assert list(workers.values()) == [5]
+
+
+def test_a_reduce_that_maps_on_the_cluster_leaves_its_task_run_behind_on_no_worker(prefect_server):
+    """cluster_map's worker_client() starts the worker's Dask client, whose loop tasks copy the calling context:
+    with the reduce's Prefect transaction in it, every later task run on that worker became its child and was
+    kept for the worker's life (bench/scale.py's worker growth): the task its secede starts, and each one that task's
+    end starts, ran in that context. Later task runs must find no parent transaction there."""
+    from prefect import flow, task
+    from prefect_dask import DaskTaskRunner
+
+    def kept_children(dask_worker) -> int:
+        import gc
+
+        gc.collect()
+        return sum(len(o.children) for o in gc.get_objects() if type(o).__qualname__ == "Transaction")
+
+    @task
+    def reduce_() -> int:
+        return sum(runtime.cluster_map()(lambda x: x + 1, [1, 2, 3]))
+
+    @task
+    def step(i: int) -> int:
+        return i
+
+    with runtime.local_cluster(attempts=1, **CLUSTER) as cluster:
+        @flow(task_runner=DaskTaskRunner(address=cluster.scheduler_address))
+        def run() -> list[int]:
+            reduced = reduce_.submit()
+            queued = [step.submit(i) for i in range(6)]  # behind it on the one thread: started as it secedes
+            assert reduced.result() == 9
+            return [s.result() for s in queued]
+
+        assert run() == list(range(6))
+        with cluster.get_client() as client:
+            kept = client.run(kept_children)
+    assert list(kept.values()) == [0]
