@@ -14,6 +14,8 @@ For each size, in a process of its own with a 2-worker local Dask cluster (1 thr
 Figures: max_process_rss_mb, the largest peak RSS of any one process (the size's process, the scheduler and the
 workers) over both sizes; rss_growth_ratio and seconds_growth_ratio, 4M over M (seconds: dedup, search and commit);
 the recalls (the lower of the two sizes). Full: M = 2.5M; --quick: M = 250k. Last stdout line: one JSON object.
+The size's process holds only the reduces' driver: generating the files, the committed table and the survivors
+(setup) and the dedup_recall check each run in a process of their own, so that its peak RSS is the reduces' own.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def dedup_recall(files: list[tuple[str, str]], groups: Path, threshold: float, s
 
 
 def _committed_table(n: int, uri: str, seed: int) -> dict:
-    """Setup, in its own process: n committed rows of an earlier run in LanceDB, and the IVF-PQ index."""
+    """Setup: n committed rows of an earlier run in LanceDB, and the IVF-PQ index."""
     import pyarrow as pa
 
     from tasks.io import lance
@@ -178,22 +180,40 @@ def _queries(folder: Path, uri: str, committed: int, seed: int) -> list:
     return shards
 
 
-def measure(n: int, work: Path, seed: int = 0) -> dict:
-    """One size, in this process: dedup, search and commit on a fresh 2-worker cluster, and every peak RSS."""
-    import pandas as pd
-    from dask.distributed import Client, LocalCluster
-
-    from tasks.crossbatch import CrossbatchConfig, search_batch
-    from tasks.dedup import DedupConfig, dedup_batch
-    from tasks.io import lance
+def prepare(n: int, work: Path, seed: int = 0) -> dict:
+    """Setup, in a process of its own: the batch's vectors files, the committed table and its index, and the
+    survivors to search, as JSON (the measured process then holds only the reduces)."""
+    from dataclasses import asdict
 
     shutil.rmtree(work, ignore_errors=True)
     files = write_shards(n, work / "vectors", seed)
     uri = str(work / "lancedb")
-    setup = json.loads(subprocess.run([sys.executable, __file__, "--setup", str(n), uri], check=True, text=True,
-                                      capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                                      ).stdout.strip().splitlines()[-1])
+    setup = _committed_table(n, uri, seed=COMMITTED_SEED)
     shards = _queries(work / "queries", uri, n, seed)
+    setup["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return {"files": files, "uri": uri, "queries": [asdict(q) for q in shards], "setup": setup}
+
+
+def _own_process(flag: str, *args) -> dict:
+    """This script's `flag` step in a process of its own: its last stdout line, as JSON."""
+    done = subprocess.run([sys.executable, __file__, flag, *map(str, args)], check=True, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(n: int, work: Path) -> dict:
+    """One size: setup and the recall check each in a process of their own; in this process only dedup, search
+    and commit on a fresh 2-worker cluster, and every peak RSS."""
+    import pandas as pd
+    from dask.distributed import Client, LocalCluster
+
+    from tasks.crossbatch import CrossbatchConfig, Query, search_batch
+    from tasks.dedup import DedupConfig, dedup_batch
+    from tasks.io import lance
+
+    ready = _own_process("--prepare", n, work)
+    files = [tuple(f) for f in ready["files"]]
+    uri, shards = ready["uri"], [Query(**q) for q in ready["queries"]]
     with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="8GiB", processes=True,
                       local_directory=str(work / "dask"), dashboard_address=None) as cluster, Client(cluster) as client:
         def on_cluster(fn, items):
@@ -215,16 +235,16 @@ def measure(n: int, work: Path, seed: int = 0) -> dict:
         commit_s = time.perf_counter() - t0
         workers = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         scheduler = client.run_on_scheduler(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    recall = dedup_recall(files, work / "groups", config.threshold)
     rss = {"this": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "scheduler": scheduler,
            **{f"worker{k}": v for k, v in enumerate(workers.values())}}
+    recall = _own_process("--recall", work, config.threshold)["dedup_recall"]
     shutil.rmtree(work, ignore_errors=True)
     return {
         "rows": n, "dedup_s": round(dedup_s, 1), "search_s": round(search_s, 1), "commit_s": round(commit_s, 2),
         "dedup_recall": round(recall, 4), "crossbatch_recall": info.get("pair_recall"),
         "matches": info["matches"], "near_copies_planted": QUERY_ROWS // 3, "search_tasks": info["tasks"],
         "cells": stats["cells"], "largest_cell_rows": stats["largest_cell_rows"], "groups": stats["groups"],
-        "dedup_phase_s": stats["seconds"], "setup": setup,
+        "dedup_phase_s": stats["seconds"], "setup": ready["setup"],
         "rss_mb": {k: round(v, 1) for k, v in rss.items()}, "max_process_rss_mb": round(max(rss.values()), 1),
     }
 
@@ -235,9 +255,7 @@ def run(quick: bool) -> dict:
     work = Path(tempfile.gettempdir()) / "danqing-bench-scale-reduces"
     sizes = []
     for n in (m, 4 * m):
-        done = subprocess.run([sys.executable, __file__, "--size", str(n), str(work / f"n{n}")], check=True,
-                              text=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        sizes.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        sizes.append(_own_process("--size", n, work / f"n{n}"))
         print(json.dumps(sizes[-1]), flush=True)
     small, large = sizes
 
@@ -261,10 +279,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="M = 250k rows (full: 2.5M)")
     ap.add_argument("--size", nargs=2, metavar=("ROWS", "WORK"), help=argparse.SUPPRESS)  # one size, internal
-    ap.add_argument("--setup", nargs=2, metavar=("ROWS", "URI"), help=argparse.SUPPRESS)  # the committed table
+    ap.add_argument("--prepare", nargs=2, metavar=("ROWS", "WORK"), help=argparse.SUPPRESS)  # one size's setup
+    ap.add_argument("--recall", nargs=2, metavar=("WORK", "THRESHOLD"), help=argparse.SUPPRESS)  # its recall check
     args = ap.parse_args(argv)
-    if args.setup:
-        print(json.dumps(_committed_table(int(args.setup[0]), args.setup[1], seed=COMMITTED_SEED)))
+    if args.prepare:
+        print(json.dumps(prepare(int(args.prepare[0]), Path(args.prepare[1]))))
+        return None
+    if args.recall:
+        work = Path(args.recall[0])
+        files = [(p.name.split(".")[0], str(p)) for p in sorted((work / "vectors").glob("*.vectors.parquet"))]
+        print(json.dumps({"dedup_recall": dedup_recall(files, work / "groups", float(args.recall[1]))}))
         return None
     if args.size:
         print(json.dumps(measure(int(args.size[0]), Path(args.size[1]))))
