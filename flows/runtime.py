@@ -52,12 +52,12 @@ def cluster_map():
             return client.gather(client.map(fn, items, pure=False))
 
     def on_cluster(fn, items: list) -> list:
-        return outside_prefect_run(gather, fn, items)
+        return _outside_prefect_run(gather, fn, items)
 
     return on_cluster
 
 
-def outside_prefect_run(fn, *args):
+def _outside_prefect_run(fn, *args):
     """fn(*args) in a copy of this context without Prefect's flow run, task run, asset and transaction.
 
     The worker's Dask client, made on a task's first worker_client(), starts long-lived tasks on the worker's
