@@ -48,14 +48,17 @@ def batch_run_id(run_id: str, index: int) -> str:
     return f"{run_id}-b{index}"
 
 
-def child_params(params: CurateParams, batch: Batch, run_id: str, lancedb: str, run_warcs: list[str]) -> CurateParams:
+def child_params(params: CurateParams, batch: Batch, run_id: str, lancedb: str, run_warcs: list[str],
+                 index_parts: Path | None = None) -> CurateParams:
     """The batch's flow-run parameters: its own WARC files (no listing to read again), the run's id and output
     root, the root's LanceDB; only the first batch waits for what the run itself waits for before committing.
-    The replay fetcher replays from all the run's WARC files: a page's images may lie in another batch's."""
+    The replay fetcher replays from all the run's WARC files: a page's images may lie in another batch's.
+    `index_parts`: the run's one pass over the columnar index, where the batch reads its rows (`<k>.parquet`)."""
     return params.model_copy(update={
         "warcs": list(batch.warcs), "warc_limit": None, "warc_offset": 0, "run_id": run_id, "batch": batch.index,
         "lancedb": lancedb, "commit_after": list(params.commit_after) if batch.index == 0 else [],
         "replay_from": run_warcs if params.fetcher == "replay" else [],
+        "cc_index_part": None if index_parts is None else str(Path(index_parts) / f"{batch.index}.parquet"),
     })
 
 

@@ -246,8 +246,10 @@ def _curate_batches(params: CurateParams, warcs: list[str], progress: bool) -> d
     lancedb = params.lancedb or str(out / "lancedb")
     plan = batches.plan(warcs, params.batch_size)
 
+    parts = None  # with --select index: where each batch's rows of the run's one pass over the index lie
+
     def child(b: batches.Batch) -> CurateParams:  # made when needed: with replay each holds the run's WARC list
-        return batches.child_params(params, b, run_id, lancedb, warcs)
+        return batches.child_params(params, b, run_id, lancedb, warcs, parts)
 
     resolved = with_revisions(resolve_models(params))
     models = _model_keys(resolved)
@@ -265,6 +267,8 @@ def _curate_batches(params: CurateParams, warcs: list[str], progress: bool) -> d
                      "dir": str(batches.batch_dir(run_dir, b.index).relative_to(run_dir))} for b in plan]})
     log.info("run %s: %d WARC file(s) in %d batch(es) of %d, %d already committed -> %s", run_id, len(warcs),
              len(plan), params.batch_size, len(done), run_dir)
+    if params.select == "index" and len(done) < len(plan):
+        parts = _split_index(params, run_dir, run_id, lancedb, plan)
     name = flow_run.name or run_name(params)
     if deployment.id:  # under a worker pool: each batch a deployment run a worker picks up
         outcome = batches.run_deployed(plan, child, done, f"{flow_run.flow_name}/{deployment.name}", name,
@@ -277,6 +281,13 @@ def _curate_batches(params: CurateParams, warcs: list[str], progress: bool) -> d
     report = publish_merged(run_dir, run_id, [(b.index, batches.batch_dir(run_dir, b.index)) for b in plan])
     log.info("dataset: %s/*/dataset  report: %s", run_dir / batches.BATCHES, run_dir / "report.json")
     return {"run_id": run_id, "run_dir": str(run_dir), "report": report}
+
+
+def _split_index(params: CurateParams, run_dir: Path, run_id: str, lancedb: str, plan: list) -> Path:
+    """The run's one pass over the columnar index, each batch's rows in a part of their own: the directory."""
+    ctx = RunContext(run_dir=str(run_dir), run_id=run_id, lancedb=lancedb, snapshot=params.snapshot,
+                     config={"cc": config_dict(cc_config(params))})
+    return steps.cc_index_split.submit(ctx, params.snapshot, [list(b.warcs) for b in plan]).result().output("")
 
 
 def _batch_flow(child, name: str):
@@ -333,7 +344,8 @@ def _submit(ctx: RunContext, params: CurateParams, warcs: list[str]) -> _Batch:
     task run per shard each, broken only where a reduce reads the step before it or (embed) a GPU places it."""
     b = _Batch(shard_ids(warcs))
     r = b.reduces
-    r["cc_index"] = steps.cc_index.submit(ctx, params.snapshot, warcs) if params.select == "index" else None
+    r["cc_index"] = steps.cc_index.submit(ctx, params.snapshot, warcs, params.cc_index_part) \
+        if params.select == "index" else None
     replay_from = params.replay_from if params.fetcher == "replay" else None
     # the entropy rule's p(w) counted over this run's captions: a reduce between fetch and refine
     counted = ctx.cfg("refine").entropy_corpus == "run"

@@ -129,6 +129,9 @@ class CurateParams(BaseModel):
         "set by a batched run's parent flow run: which of its batches this flow run curates"))
     replay_from: list[str] = Field(default_factory=list, description=(
         "set by a batched run's parent flow run: with the replay fetcher, all the run's WARC files"))
+    cc_index_part: str | None = Field(None, description=(
+        "set by a batched run's parent flow run (--select index): this batch's rows of the run's one pass over "
+        "the columnar index"))
 
     @field_validator("config")
     @classmethod
@@ -152,7 +155,8 @@ def idempotency_key(params: CurateParams) -> str:
     The snapshot id leads the key so the UI's runs read well; the hash covers everything that changes the
     run's output (selection, models, thresholds, output root), so a deliberately different run gets its own.
     """
-    body = params.model_dump(mode="json", exclude={"commit_after", "batch_parallel"})  # ordering, not output
+    # ordering, and where a batch finds its index rows: not the output
+    body = params.model_dump(mode="json", exclude={"commit_after", "batch_parallel", "cc_index_part"})
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"curate:{params.snapshot or 'warcs'}:{digest}"
 

@@ -5,6 +5,7 @@ tasks/, the resume engine in flows/engine.py."""
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -55,19 +56,45 @@ def extract(ctx: RunContext, shard: str, warc: str, cc_index: Marker | None = No
 
 
 @task(name="cc-index", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
-def cc_index(ctx: RunContext, snapshot: str, warcs: list[str]) -> Marker:
-    """Reduce: the columnar index rows of the Chinese HTML pages in this run's WARC files (--select index)."""
+def cc_index(ctx: RunContext, snapshot: str, warcs: list[str], part: str | None = None) -> Marker:
+    """Reduce: the columnar index rows of the Chinese HTML pages in this run's WARC files (--select index). A
+    batch of a batched run reads its `part` of the run's one pass over the index (cc_index_split) instead."""
     cc = ctx.cfg("cc")
 
     def build(out: Path) -> dict:
-        files = cc_source.index_paths(snapshot, cc)
-        if not files:
-            raise ValueError(f"snapshot {snapshot} lists no columnar index files (subset=warc)")
-        selected, stats = ccindex.select_run(files, warcs, cc)
+        if part is not None:
+            selected, stats = ccindex.read_part(part, warcs)
+        else:
+            selected, stats = ccindex.select_run(_index_files(snapshot, cc), warcs, cc)
         shards.write_parquet(selected, out)
         return stats
 
     return run_reduce(ctx, "cc_index", ".parquet", [snapshot, sorted(warcs)], build)
+
+
+@task(name="cc-index-split", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
+      retry_condition_fn=retry_transient)
+def cc_index_split(ctx: RunContext, snapshot: str, batches: list[list[str]]) -> Marker:
+    """Reduce of a batched run (--select index): the index read once for all its batches, each batch's rows in
+    a part of their own (`<k>.parquet`), so a snapshot's index is not read again by each of its batches."""
+    cc = ctx.cfg("cc")
+
+    def build(out: Path) -> dict:
+        tmp = out.with_name(f".{out.name}.tmp-split")
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed attempt's parts
+        stats = ccindex.split_run(_index_files(snapshot, cc), batches, tmp, cc)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        return stats
+
+    return run_reduce(ctx, "cc_index_split", "", [snapshot, [sorted(b) for b in batches]], build)
+
+
+def _index_files(snapshot: str, cc) -> list[str]:
+    files = cc_source.index_paths(snapshot, cc)
+    if not files:
+        raise ValueError(f"snapshot {snapshot} lists no columnar index files (subset=warc)")
+    return files
 
 
 @task(name="source", task_run_name="source-{shard}", cache_policy=NO_CACHE)

@@ -74,6 +74,49 @@ def select_chinese(index_files: Iterable[str], warc_filenames: Iterable[str] | N
     return table.to_pandas()
 
 
+def split_run(index_files: list[str], batches: list[list[str]], out_dir: Path, cfg: CCConfig | None = None) -> dict:
+    """One pass over a snapshot's index for a run in batches: each index file is read once, for all the run's
+    WARC files, and its rows are appended to their batch's `<out_dir>/<k>.parquet` (unsorted; every batch gets
+    a file, empty when its WARCs hold no Chinese page). Memory: one index file's selection, not the run's.
+    Each part records how many index files were read (schema metadata `index_files`)."""
+    cfg = cfg or CCConfig()
+    names = sorted({warc_key(w) for b in batches for w in b})
+    batch_of = {warc_key(w): k for k, b in enumerate(batches) for w in b}
+    of_name = pa.array([batch_of[n] for n in names], pa.int32())  # name's place in `names` -> its batch
+    schema = _full_schema().with_metadata({"index_files": str(len(index_files))})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers: dict[int, pq.ParquetWriter] = {}
+    selected = 0
+    try:
+        for path in index_files:
+            table = _select_file(path, names, cfg)
+            if not table.num_rows:
+                continue
+            selected += table.num_rows
+            batch = pc.take(of_name, pc.index_in(table.column("warc_filename"), value_set=pa.array(names)))
+            for k in pc.unique(batch).to_pylist():
+                if k not in writers:
+                    writers[k] = pq.ParquetWriter(out_dir / f"{k}.parquet", schema)
+                writers[k].write_table(table.filter(pc.equal(batch, k)).replace_schema_metadata(schema.metadata))
+    finally:
+        for w in writers.values():
+            w.close()
+    for k in range(len(batches)):
+        if k not in writers:
+            pq.write_table(schema.empty_table(), out_dir / f"{k}.parquet")
+    return {"index_files": len(index_files), "selected": selected, "batches": len(batches)}
+
+
+def read_part(part: str | Path, warcs: list[str]) -> tuple[pd.DataFrame, dict]:
+    """A batch's rows of `split_run`, as `select_run` gives them for its WARC files: sorted, with its stats."""
+    table = pq.read_table(part)
+    files = int((table.schema.metadata or {}).get(b"index_files", b"0"))
+    table = table.replace_schema_metadata(None).sort_by([("warc_filename", "ascending"),
+                                                         ("warc_record_offset", "ascending")])
+    return _stats(table.to_pandas(), warcs, files)
+
+
 def _full_schema() -> pa.Schema:
     return pa.schema([*SCHEMA, *(pa.field(p, pa.string()) for p in PARTITIONS)])
 
@@ -242,7 +285,10 @@ def registered_domain(host: str | None) -> str | None:
 def select_run(index_files: list[str], warcs: list[str], cfg: CCConfig | None = None) -> tuple[pd.DataFrame, dict]:
     """The index rows of the Chinese HTML pages in a run's WARC files (one index file at a time: a snapshot's
     whole index is far larger than memory) and how many there are: the cc_index reduce's table and stats."""
-    selected = select_chinese(index_files, warcs, cfg).reset_index(drop=True)
+    return _stats(select_chinese(index_files, warcs, cfg).reset_index(drop=True), warcs, len(index_files))
+
+
+def _stats(selected: pd.DataFrame, warcs: list[str], index_files: int) -> tuple[pd.DataFrame, dict]:
     found = set(selected["warc_filename"])
-    return selected, {"index_files": len(index_files), "selected": int(len(selected)),
+    return selected, {"index_files": index_files, "selected": int(len(selected)),
                       "warcs_without_pages": int(sum(warc_key(w) not in found for w in warcs))}

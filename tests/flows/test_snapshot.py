@@ -32,14 +32,14 @@ def _params(server, tmp_path: Path, **kw) -> CurateParams:
                         **kw)
 
 
-def _extract_rows(run_dir: Path) -> pd.DataFrame:
-    """Every candidate of the extract step, kept or rejected, in a stable order."""
-    kept = pd.read_parquet(run_dir / "steps" / "extract" / "00000.parquet")
-    rejected = pd.read_parquet(run_dir / "rejects" / "extract-00000.parquet")
+def _extract_rows(run_dir: Path, shard: str = "00000", key: str = "key") -> pd.DataFrame:
+    """Every candidate of the extract step, kept or rejected, in a stable order (by `key`, one of the columns)."""
+    kept = pd.read_parquet(run_dir / "steps" / "extract" / f"{shard}.parquet")
+    rejected = pd.read_parquet(run_dir / "rejects" / f"extract-{shard}.parquet")
     cols = ["key", "url", "alt_text", "page_url", "warc_offset"]
     both = pd.concat([kept.assign(drop_reason=None)[[*cols, "drop_reason"]],
                       rejected[[c for c in [*cols, "drop_reason"] if c in rejected]]], ignore_index=True)
-    return both.sort_values("key").reset_index(drop=True)
+    return both.sort_values([key, "url", "alt_text"]).reset_index(drop=True)
 
 
 def test_snapshot_scan_and_index_select_the_same_candidates(prefect_server, common_crawl, tmp_path):
@@ -100,3 +100,38 @@ def test_cli_snapshot_run_with_index_selection(prefect_server, common_crawl, tmp
     assert "report:" in out
     report = json.loads(next((tmp_path / "out").glob("CC-MAIN-2020-34-*/report.json")).read_text())
     assert report["stages"][0]["pages_selected"] == 11
+
+
+def test_a_batched_run_reads_the_index_once_for_all_its_batches(prefect_server, tmp_path):
+    """--select index in batches: the snapshot's index is read in one pass for the run, not once per batch, and
+    each batch extracts what the same WARC file gives in a run of one batch."""
+    names = [f"excerpt-{i}.warc.gz" for i in range(3)]
+    for name in names:  # three WARC files with Chinese pages (copies of the excerpt, in the test's directory)
+        (tmp_path / name).write_bytes(fixture_path("warc/warcfile.warc.gz").read_bytes())
+    (tmp_path / "cc").mkdir()
+    layout = build_layout(tmp_path / "cc", [tmp_path / n for n in names])
+    with serve(tmp_path / "cc") as server:
+        index_file = "/" + layout["index"][0]
+
+        def run(out: str, **kw) -> tuple[dict, int]:
+            before = len(server.requests_for(index_file))
+            result = curate(CurateParams(snapshot=CRAWL, warc_limit=3, cc_base_url=server.url, out=str(tmp_path / out),
+                                         config=OFFLINE, select="index", **kw), cluster=IN_PROCESS)
+            return result, len(server.requests_for(index_file)) - before
+
+        whole, whole_reads = run("whole")
+        batched, batched_reads = run("batched", batch_size=1, batch_parallel=1)
+    assert whole_reads > 0
+    assert batched_reads == whole_reads  # one pass, where each of the 3 batches used to read it again
+    run_dir = Path(batched["run_dir"])
+    assert len(list((run_dir / "batches").iterdir())) == 3
+    for k in range(3):
+        mine = _extract_rows(run_dir / "batches" / f"{k:04d}", key="warc_offset").drop(columns="key")
+        same = _extract_rows(Path(whole["run_dir"]), f"{k:05d}", key="warc_offset").drop(columns="key")
+        assert len(mine) == 96
+        pd.testing.assert_frame_equal(mine, same)
+    report = json.loads((run_dir / "report.json").read_text())
+    check_report(run_dir / "report.json")
+    extract = {s["stage"]: s for s in report["stages"]}["extract"]
+    assert extract["pages_selected"] == 33 == {s["stage"]: s for s in whole["report"]["stages"]}["extract"][
+        "pages_selected"]

@@ -7,6 +7,8 @@ import gzip
 import json
 import zlib
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +17,7 @@ from cc_server import CRAWL, OTHER_CRAWL, build_layout, serve
 
 from tasks.io.cc import check_snapshot, index_paths, list_crawls, pick, warc_paths
 from tasks.io.ccconfig import CCConfig, resolve
-from tasks.io.ccindex import SCHEMA, cld2_languages, registered_domain, select_chinese
+from tasks.io.ccindex import SCHEMA, cld2_languages, read_part, registered_domain, select_chinese, select_run, split_run
 from tasks.io.ranges import BAD_RANGE, PAST_END, TRUNCATED, UNREADABLE, RangeStats, coalesce, read_records
 from tasks.io.stream import open_stream
 from tasks.io.warc import BAD_MEMBER, iter_member_records, iter_records, read_records_at
@@ -204,6 +206,38 @@ def test_index_selection_rules_on_a_tiny_index(tmp_path):
     selected = select_chinese(files)
     assert list(selected["url"]) == ["b", "a"]  # sorted by offset; the crawldiagnostics file is left out
     assert list(selected["crawl"]) == ["X", "X"]
+
+
+def test_one_pass_over_the_index_gives_each_batch_what_its_own_selection_gives(tmp_path):
+    """split_run reads each index file once for a run in batches; each batch's part, read back, is the table and
+    the stats that selecting for that batch's WARC files alone gives (checked against select_run)."""
+    rng = np.random.default_rng(3)
+    warcs = [f"crawl-data/X/segments/s/warc/w{i}.warc.gz" for i in range(7)]
+    files = []
+    for f in range(3):  # three index files, each holding rows of every WARC in no particular order
+        rows = [{"url": f"http://h{f}.cn/{j}", "fetch_status": int(rng.choice([200, 404])),
+                 "content_mime_detected": str(rng.choice(["text/html", "image/png"])),
+                 "content_languages": str(rng.choice(["zho", "eng", "zho,eng"])),
+                 "warc_filename": warcs[int(rng.integers(0, 6))],  # w6 has no row: a WARC without pages
+                 "warc_record_offset": int(rng.integers(0, 10**6)), "warc_record_length": 10} for j in range(300)]
+        path = tmp_path / f"crawl=X/subset=warc/part-{f}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+        files.append(str(path))
+    batches = [warcs[0:3], warcs[3:5], warcs[5:7], ["crawl-data/X/segments/s/warc/none.warc.gz"]]
+    stats = split_run(files, batches, tmp_path / "parts")
+    assert stats["index_files"] == 3 and stats["batches"] == 4
+    total = 0
+    for k, batch in enumerate(batches):
+        got, got_stats = read_part(tmp_path / "parts" / f"{k}.parquet", batch)
+        want, want_stats = select_run(files, batch)
+        pd.testing.assert_frame_equal(got, want)
+        assert got_stats == want_stats
+        total += len(got)
+    assert total == stats["selected"] > 0
+    assert read_part(tmp_path / "parts" / "3.parquet", batches[3])[1] == {
+        "index_files": 3, "selected": 0, "warcs_without_pages": 1}
+    assert select_run(files, batches[2])[1]["warcs_without_pages"] == 1  # w6
 
 
 def test_cld2_codes_and_registered_domains():
