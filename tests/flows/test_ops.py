@@ -301,3 +301,48 @@ def test_a_run_waits_for_the_earlier_runs_to_finish_before_it_commits(prefect_se
         waiter.join(10)
         assert not waiter.is_alive()
     wait_for_runs([])  # nothing to wait for
+
+
+def test_a_batched_run_under_a_worker_runs_each_batch_as_a_deployment_run(deployed, sample_crawl, tmp_path):
+    """Under a deployment each batch is a curate-snapshot run of its own that a worker picks up (the UI's Retry
+    retries one batch), named <run>-b<k> and a child of the run; the run writes the merged report once every
+    batch has committed. The flow runs share one Dask scheduler (DANQING_DASK_ADDRESS), as on a cluster."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from flows.runtime import local_cluster
+
+    warcs = [str(p) for p in sample_crawl.warcs[:2]]
+    params = {"params": {"warcs": warcs, "out": str(tmp_path / "out"), "fetcher": "replay", "batch_size": 1,
+                         "batch_parallel": 1, "config": {"align": {"low": -1.0, "high": 1.0}}}}
+    with local_cluster(attempts=1, n_workers=1, threads_per_worker=2, processes=False, protocol="tcp",
+                       dashboard_address=":0", memory_limit="4GiB") as cluster, _client() as client:
+        deployment = client.read_deployment_by_name("curate-snapshot/curate-snapshot")
+        run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
+        # one slot for the run, one for its batch (--batch-parallel 1)
+        worker = subprocess.Popen([*WORKER, "--pool", "danqing-cpu", "--limit", "2"], cwd=ROOT,
+                                  env=_env(deployed, DANQING_DASK_ADDRESS=cluster.scheduler_address,
+                                           PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30"),  # within the fixture's 45 s
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while not (state := client.read_flow_run(run.id).state).is_final():
+                assert time.monotonic() < deadline, f"run still {state.type}"
+                time.sleep(2)
+        finally:
+            _stop_within_bound(worker)
+        assert state.is_completed(), state.message
+        parent = client.read_flow_run(run.id)
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+    assert sorted(c.name for c in children) == [f"{parent.name}-b0", f"{parent.name}-b1"]
+    assert all(c.deployment_id == deployment.id and c.state.is_completed() for c in children)
+    assert all(c.parameters["params"]["batch"] in (0, 1) and c.parameters["params"]["warcs"] == [warcs[
+        c.parameters["params"]["batch"]]] for c in children)
+    run_dir = next((tmp_path / "out").glob("*/run.json")).parent
+    from test_curate import check_report
+
+    check_report(run_dir / "report.json")
+    report = json.loads((run_dir / "report.json").read_text())
+    per_batch = [json.loads((run_dir / "batches" / f"{k:04d}" / "report.json").read_text())["samples"]
+                 for k in (0, 1)]
+    assert report["samples"] == sum(per_batch) > 0
