@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from flows import batches, recaption, steps
 from flows.engine import RunContext, clean_temp, model_ref, shard_ids
 from flows.report import prepare_report, publish_merged
-from flows.runtime import commit_lock, ensure_gpu_limit, task_runner, wait_for_runs
+from flows.runtime import commit_lock, ensure_gpu_limit, task_runner, wait_for_runs, without_flow_parameters
 from flows.settings import CurateParams, LocalClusterSpec, build_config, cc_config, check_config, config_dict, run_name
 from tasks.io import shards
 from tasks.lexicon import Lexicon
@@ -185,7 +185,7 @@ def _curate(params: CurateParams, warcs: list[str], progress: bool) -> dict:
     ctx = _context(params, warcs)
     log = get_run_logger()
     log.info("run %s: %d WARC file(s) -> %s", ctx.run_id, len(warcs), ctx.run_dir)
-    with _progress(progress) as bar:
+    with _progress(progress) as bar, without_flow_parameters():
         batch = _submit(ctx, params, warcs)
         results = batch.results(bar)
         reduces = {name: fut.result() for name, fut in batch.reduces.items() if fut is not None}

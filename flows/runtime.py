@@ -75,6 +75,26 @@ def _outside_prefect_run(fn, *args):
     return contextvars.copy_context().run(run)
 
 
+@contextlib.contextmanager
+def without_flow_parameters():
+    """The flow run's context without its parameters, for the tasks submitted inside.
+
+    A task submitted to Dask carries a serialized copy of its flow run's context (prefect-dask's
+    serialize_context), the flow's parameters in it twice (its own and the API model's): a batch's WARC list,
+    and with the replay fetcher the run's, in every one of the batch's task runs. Each task's size, on the wire
+    and in the scheduler while its future is held, grew with the batch and the run, so a batch's with its
+    square. The tasks read none of it: their inputs are their arguments, and their cache policy is NO_CACHE."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None:
+        yield
+        return
+    flow_run = ctx.flow_run.model_copy(update={"parameters": {}}) if ctx.flow_run is not None else None
+    with ctx.model_copy(update={"parameters": {}, "flow_run": flow_run}):
+        yield
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -118,3 +118,33 @@ def test_a_reduce_that_maps_on_the_cluster_leaves_its_task_run_behind_on_no_work
         with cluster.get_client() as client:
             kept = client.run(kept_children)
     assert list(kept.values()) == [0]
+
+
+def test_tasks_submitted_without_the_flow_parameters_carry_none_of_them(prefect_server):
+    """Each task submitted to Dask carries a copy of its flow run's context: inside without_flow_parameters the
+    flow's parameters (a batch's WARC list) are not in it, so a task's size does not grow with the batch; the
+    task still runs as a task run of that flow run, and the flow's own context keeps its parameters."""
+    from prefect import flow, task
+    from prefect.context import FlowRunContext
+    from prefect_dask import DaskTaskRunner
+
+    @task
+    def seen() -> tuple[int, str]:
+        ctx = FlowRunContext.get()  # the context the task run was handed, rebuilt on the worker
+        return len(ctx.parameters.get("warcs", [])) + len(ctx.flow_run.parameters.get("warcs", [])), str(
+            ctx.flow_run.id)
+
+    warcs = [f"crawl-data/segments/{i}/warc/{i:05d}.warc.gz" for i in range(500)]
+    with runtime.local_cluster(attempts=1, **{**CLUSTER, "processes": False}) as cluster:
+        @flow(task_runner=DaskTaskRunner(address=cluster.scheduler_address))
+        def run(warcs: list[str]) -> tuple:
+            plain = seen.submit().result()
+            with runtime.without_flow_parameters():
+                lean = seen.submit().result()
+            after = len(FlowRunContext.get().parameters["warcs"])
+            return plain, lean, after, str(FlowRunContext.get().flow_run.id)
+
+        plain, lean, after, flow_run_id = run(warcs)
+    assert plain == (1000, flow_run_id)  # without it: the list twice in every task
+    assert lean == (0, flow_run_id)
+    assert after == 500
