@@ -15,8 +15,24 @@ from prefect import flow, get_run_logger
 from flows import batches, recaption, steps
 from flows.engine import RunContext, clean_temp, model_ref, shard_ids
 from flows.report import prepare_report, publish_merged
-from flows.runtime import commit_lock, ensure_gpu_limit, task_runner, wait_for_runs, without_flow_parameters
-from flows.settings import CurateParams, LocalClusterSpec, build_config, cc_config, check_config, config_dict, run_name
+from flows.runtime import (
+    commit_lock,
+    ensure_gpu_limit,
+    start_trimming,
+    task_runner,
+    wait_for_runs,
+    without_flow_parameters,
+)
+from flows.settings import (
+    TRIM_EVERY_S,
+    CurateParams,
+    LocalClusterSpec,
+    build_config,
+    cc_config,
+    check_config,
+    config_dict,
+    run_name,
+)
 from tasks.io import shards
 from tasks.lexicon import Lexicon
 from tasks.refine import load_stop_words
@@ -167,6 +183,7 @@ def _flow_run_name() -> str:
 def curate_snapshot(params: CurateParams, progress: bool = False) -> dict:
     """WARC files or a Common Crawl snapshot -> Chinese image-text pairs: webdataset shards, parquet metadata,
     rejects and a funnel report. At most one run per snapshot is active at a time."""
+    start_trimming(TRIM_EVERY_S)  # the flow process too: its in-process Dask scheduler frees a batch at its end
     warcs = _CHECKED.pop(_inputs_key(params), None)
     if warcs is None:  # a deployment's run: an unknown snapshot fails here, before waiting for its slot
         warcs = check_inputs(params)

@@ -9,9 +9,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from flows.lifeline import popen as lifeline_popen
 from flows.settings import LocalClusterSpec, dask_address, prefect_api_url
@@ -268,9 +271,54 @@ def task_runner(address: str | None, spec: LocalClusterSpec | None = None, work_
         "n_workers": spec.n_workers, "threads_per_worker": spec.threads_per_worker,
         "processes": spec.processes, "memory_limit": spec.memory_limit, "dashboard_address": ":0",
     }
+    if spec.trim_every_s:  # each worker, a restarted one too (the nanny starts it with the same arguments)
+        kwargs["plugins"] = {TrimMemory(spec.trim_every_s)}
     if work_dir is not None:
         kwargs["local_directory"] = str(work_dir)
     return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs=kwargs)
+
+
+def trim_memory() -> bool:
+    """Hand the process's free heap pages back to the system (glibc's malloc_trim); False where there is none."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim this way
+        return False
+
+
+_TRIMMING: dict[int, threading.Thread] = {}  # pid -> its trimming thread (a forked child starts its own)
+
+
+def start_trimming(every_s: float) -> None:
+    """trim_memory() every `every_s` seconds in this process, from a daemon thread (once per process).
+
+    A trim of a ~1 GB fragmented heap takes ~45 ms here, outside the GIL."""
+    if os.getpid() in _TRIMMING:
+        return
+
+    def loop():
+        while True:
+            time.sleep(every_s)
+            trim_memory()
+
+    thread = _TRIMMING[os.getpid()] = threading.Thread(target=loop, name="danqing-trim", daemon=True)
+    thread.start()
+
+
+class TrimMemory(WorkerPlugin):
+    """A Dask worker plugin: start_trimming(every_s) in each worker process."""
+
+    name = "danqing-trim-memory"
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+
+    def setup(self, worker) -> None:
+        start_trimming(self.every_s)
 
 
 def local_cluster(attempts: int = CLUSTER_START_ATTEMPTS, **kwargs):

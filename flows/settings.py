@@ -72,6 +72,7 @@ def canonical_config(config: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
 
 # One batch's flow run stays small (a few thousand task runs) while a snapshot (~90,000 WARCs) is ~90 batches.
 DEFAULT_BATCH_SIZE = 1000
+TRIM_EVERY_S = 10.0  # how often the flow process and (by default) each Dask worker hands free pages back
 
 
 class LocalClusterSpec(BaseModel):
@@ -89,6 +90,11 @@ class LocalClusterSpec(BaseModel):
     # each; a compute-task message holds the task's arguments, so at Dask's 1000 they held ~35 MB in the flow
     # process and filled only after ~25 small batches: the run's memory grew batch by batch (bench/scale.py)
     debug_log_length: int = Field(50, ge=0)
+    # glibc keeps what a process frees for reuse, and fragmentation keeps it from reusing all of it: each batch's
+    # peak left the workers' and the flow process's RSS higher (bench/scale.py). Every this many seconds each
+    # process hands its free pages back (malloc_trim); None: never. Unlike MALLOC_TRIM_THRESHOLD_ (above) it
+    # leaves glibc's adaptive mmap threshold on.
+    trim_every_s: float | None = Field(TRIM_EVERY_S, gt=0)
 
 
 class CurateParams(BaseModel):

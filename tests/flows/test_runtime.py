@@ -4,6 +4,7 @@ cluster that cannot start at all is one error that says to re-run."""
 from __future__ import annotations
 
 import threading
+import time
 
 import psutil
 import pytest
@@ -148,3 +149,43 @@ def test_tasks_submitted_without_the_flow_parameters_carry_none_of_them(prefect_
     assert plain == (1000, flow_run_id)  # without it: the list twice in every task
     assert lean == (0, flow_run_id)
     assert after == 500
+
+
+def _heap_churn(dask_worker, mb: int = 300) -> float:
+    """Allocate `mb` of small objects and free them but the last (which pins the heap's top, so glibc cannot
+    shrink it on free); returns this process's RSS in MB right after."""
+    import gc
+
+    blocks = [bytes(1000) for _ in range(mb * 1000)]
+    dask_worker.pinned_by_test = blocks.pop()
+    del blocks
+    gc.collect()
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def test_each_worker_a_restarted_one_too_hands_freed_memory_back():
+    """The local cluster's workers run TrimMemory: what a task freed is handed back within a few seconds, where
+    glibc would keep it for the process's life; a worker the nanny restarts trims too."""
+    from distributed import Client
+
+    def rss() -> float:
+        return psutil.Process().memory_info().rss / 2**20
+
+    with runtime.local_cluster(attempts=1, **CLUSTER, plugins={runtime.TrimMemory(0.5)}) as cluster, \
+            Client(cluster) as client:
+        for attempt in ("first", "restarted"):
+            base = next(iter(client.run(rss).values()))
+            churned = next(iter(client.run(_heap_churn).values()))
+            assert churned > base + 200, (attempt, base, churned)  # the freed heap is still held: trim's to do
+            deadline = time.monotonic() + 60
+            while (now := next(iter(client.run(rss).values()))) > churned - 200:
+                assert time.monotonic() < deadline, (attempt, churned, now)
+                time.sleep(0.2)
+            if attempt == "first":
+                client.restart()
+
+
+def test_trimming_starts_once_per_process():
+    runtime.start_trimming(3600)
+    runtime.start_trimming(3600)
+    assert [t.name for t in threading.enumerate()].count("danqing-trim") == 1
