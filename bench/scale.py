@@ -59,6 +59,7 @@ class TreeRss:
         self.peak_mb = 0.0
         self.max_process_mb = 0.0
         self.by_role: dict[str, float] = {}  # role -> the peak of its processes' summed RSS
+        self.count_by_role: dict[str, int] = {}  # role -> the most processes of it seen at once (a restart shows)
         self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, its last CPU seconds read)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(every_s,), daemon=True)
@@ -74,6 +75,7 @@ class TreeRss:
                 return
             total = 0.0
             roles: dict[str, float] = {}
+            counts: dict[str, int] = {}
             for p in procs:
                 try:
                     rss = p.memory_info().rss / 2**20
@@ -84,10 +86,12 @@ class TreeRss:
                 self._cpu[p.pid] = (role, cpu.user + cpu.system)
                 total += rss
                 roles[role] = roles.get(role, 0.0) + rss
+                counts[role] = counts.get(role, 0) + 1
                 self.max_process_mb = max(self.max_process_mb, rss)
             self.peak_mb = max(self.peak_mb, total)
             for role, rss in roles.items():
                 self.by_role[role] = max(self.by_role.get(role, 0.0), rss)
+                self.count_by_role[role] = max(self.count_by_role.get(role, 0), counts[role])
             self._stop.wait(every_s)
 
     def stop(self) -> None:
@@ -136,6 +140,7 @@ def measure(warcs: list[str], out: Path, code: Path, batch: int) -> dict:
     return {"shards": len(warcs), "batch_size": batch, "wall_s": round(wall, 1),
             "tree_rss_mb": round(tree.peak_mb, 1), "max_process_rss_mb": round(tree.max_process_mb, 1),
             "rss_mb_by_role": {k: round(v, 1) for k, v in sorted(tree.by_role.items())},
+            "processes_by_role": dict(sorted(tree.count_by_role.items())),
             "cpu_s_by_role": tree.cpu_s_by_role(),
             "task_runs": runs, "db_mb": round(db.stat().st_size / 1e6, 2), "samples": child["samples"]}
 
