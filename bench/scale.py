@@ -60,6 +60,7 @@ class TreeRss:
         self.max_process_mb = 0.0
         self.by_role: dict[str, float] = {}  # role -> the peak of its processes' summed RSS
         self.count_by_role: dict[str, int] = {}  # role -> the most processes of it seen at once (a restart shows)
+        self.peak_by_pid: dict[int, tuple[str, float]] = {}  # pid -> (role, its own peak RSS)
         self._cpu: dict[int, tuple[str, float]] = {}  # pid -> (role, its last CPU seconds read)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(every_s,), daemon=True)
@@ -87,6 +88,7 @@ class TreeRss:
                 total += rss
                 roles[role] = roles.get(role, 0.0) + rss
                 counts[role] = counts.get(role, 0) + 1
+                self.peak_by_pid[p.pid] = (role, max(rss, self.peak_by_pid.get(p.pid, (role, 0.0))[1]))
                 self.max_process_mb = max(self.max_process_mb, rss)
             self.peak_mb = max(self.peak_mb, total)
             for role, rss in roles.items():
@@ -141,6 +143,8 @@ def measure(warcs: list[str], out: Path, code: Path, batch: int) -> dict:
             "tree_rss_mb": round(tree.peak_mb, 1), "max_process_rss_mb": round(tree.max_process_mb, 1),
             "rss_mb_by_role": {k: round(v, 1) for k, v in sorted(tree.by_role.items())},
             "processes_by_role": dict(sorted(tree.count_by_role.items())),
+            "process_peaks_mb": {role: sorted((round(mb) for r, mb in tree.peak_by_pid.values() if r == role),
+                                              reverse=True) for role in sorted(tree.by_role)},
             "cpu_s_by_role": tree.cpu_s_by_role(),
             "task_runs": runs, "db_mb": round(db.stat().st_size / 1e6, 2), "samples": child["samples"]}
 

@@ -315,7 +315,7 @@ def test_a_batched_run_under_a_worker_runs_each_batch_as_a_deployment_run(deploy
     params = {"params": {"warcs": warcs, "out": str(tmp_path / "out"), "fetcher": "replay", "batch_size": 1,
                          "batch_parallel": 1, "config": {"align": {"low": -1.0, "high": 1.0}}}}
     with local_cluster(attempts=1, n_workers=1, threads_per_worker=2, processes=False, protocol="tcp",
-                       dashboard_address=":0", memory_limit="4GiB") as cluster, _client() as client:
+                       dashboard_address=":0", memory_limit=0) as cluster, _client() as client:  # see test_runtime
         deployment = client.read_deployment_by_name("curate-snapshot/curate-snapshot")
         run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
         # one slot for the run, one for its batch (--batch-parallel 1)
