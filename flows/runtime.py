@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import socket
@@ -280,14 +281,20 @@ def task_runner(address: str | None, spec: LocalClusterSpec | None = None, work_
 
 def trim_memory() -> bool:
     """Hand the process's free heap pages back to the system (glibc's malloc_trim); False where there is none."""
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once: ctypes.util.find_library runs a subprocess (ldconfig) per call, and a
+    trim every 10 s that spawned one was a forked copy of a worker every 10 s."""
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim this way
-        return False
+        return None
 
 
 _TRIMMING: dict[int, threading.Thread] = {}  # pid -> its trimming thread (a forked child starts its own)
