@@ -82,6 +82,7 @@ def split_run(index_files: list[str], batches: list[list[str]], out_dir: Path, c
     cfg = cfg or CCConfig()
     names = sorted({warc_key(w) for b in batches for w in b})
     batch_of = {warc_key(w): k for k, b in enumerate(batches) for w in b}
+    value_set = pa.array(names)
     of_name = pa.array([batch_of[n] for n in names], pa.int32())  # name's place in `names` -> its batch
     schema = _full_schema().with_metadata({"index_files": str(len(index_files))})
     out_dir = Path(out_dir)
@@ -94,7 +95,7 @@ def split_run(index_files: list[str], batches: list[list[str]], out_dir: Path, c
             if not table.num_rows:
                 continue
             selected += table.num_rows
-            batch = pc.take(of_name, pc.index_in(table.column("warc_filename"), value_set=pa.array(names)))
+            batch = pc.take(of_name, pc.index_in(table.column("warc_filename"), value_set=value_set))
             for k in pc.unique(batch).to_pylist():
                 if k not in writers:
                     writers[k] = pq.ParquetWriter(out_dir / f"{k}.parquet", schema)

@@ -105,6 +105,15 @@ def test_a_cli_triggered_run_is_picked_up_by_a_worker_and_completes(deployed, tm
         _stop_within_bound(worker)
 
 
+def _final_state(client, run_id, timeout_s: float, what: str):
+    """The flow run's state once it is final, polled every 2 s for at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (state := client.read_flow_run(run_id).state).is_final():
+        assert time.monotonic() < deadline, f"{what} still {state.type}"
+        time.sleep(2)
+    return state
+
+
 def _stop_within_bound(worker: subprocess.Popen) -> None:
     """SIGTERM to the worker's group, as systemd or Kubernetes sends it: the worker and everything it started
     (flow-run processes in sessions of their own, their Dask workers) are gone within the worker's stop deadline,
@@ -267,10 +276,7 @@ def test_a_worker_killed_mid_run_crashes_the_run_and_a_retry_resumes(deployed, s
         client.set_flow_run_state(run.id, Scheduled(), force=True)  # the UI's "Retry"
         worker = start_worker()
         try:
-            deadline = time.monotonic() + 420
-            while not (state := client.read_flow_run(run.id).state).is_final():
-                assert time.monotonic() < deadline, f"retried run still {state.type}"
-                time.sleep(2)
+            state = _final_state(client, run.id, 420, "retried run")
         finally:
             _stop_within_bound(worker)
         assert state.is_completed(), state.message
@@ -324,10 +330,7 @@ def test_a_batched_run_under_a_worker_runs_each_batch_as_a_deployment_run(deploy
                                            PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30"),  # within the fixture's 45 s
                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + 600
-            while not (state := client.read_flow_run(run.id).state).is_final():
-                assert time.monotonic() < deadline, f"run still {state.type}"
-                time.sleep(2)
+            state = _final_state(client, run.id, 600, "run")
         finally:
             _stop_within_bound(worker)
         assert state.is_completed(), state.message
